@@ -1,0 +1,45 @@
+# arvision — `make demo` (set-up + the paradigm comparison on Fashion-MNIST, CPU) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+# Wheels that match this machine kind (x86_64: on this disk; aarch64: CPU builds). Override TORCH_PKGS to choose.
+ifeq ($(ARCH),aarch64)
+TORCH_PKGS ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+endif
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: help setup data demo test test-slow clean-outputs
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+setup: $(VENV)/.installed  ## virtual env with torch + arvision[dev]
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PKGS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is available
+	@if [ -f $(FMNIST) ]; then echo "Fashion-MNIST: $(dir $(FMNIST))"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "apt-get could not install dataset-fashion-mnist: pass data.root=<dir> or data.download=true"; \
+	else echo "no apt: pass data.root=<dir with the Fashion-MNIST *-ubyte.gz files> or data.download=true"; fi
+
+demo: setup data  ## train + evaluate VQ + raster on Fashion-MNIST (CPU, < 15 min) and print the table
+	$(VENV)/bin/arvision-train $(ARGS)
+
+test: setup data  ## the test suite (CPU, < 10 min)
+	$(PY) -m pytest -q $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+
+test-slow: setup data  ## the slow tests too
+	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
+
+clean-outputs:  ## remove runs and cached artifacts
+	rm -rf outputs artifacts

@@ -1,0 +1,47 @@
+"""Helpers shared by the Hydra entry points."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def config_dir() -> str:
+    """The repository's conf/ (editable install), or $ARVISION_CONF."""
+    env = os.environ.get("ARVISION_CONF")
+    if env:
+        return str(Path(env).resolve())
+    repo_conf = Path(__file__).resolve().parents[3] / "conf"
+    if repo_conf.is_dir():
+        return str(repo_conf)
+    raise SystemExit("arvision: conf/ not found; install from the repository (pip install -e .) or set ARVISION_CONF")
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr and a non-zero exit, instead of a traceback for user errors."""
+    logging.getLogger("arvision").error(message)
+    print(f"arvision: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def value(entry) -> float | None:
+    if isinstance(entry, dict):
+        return entry.get("value")
+    return entry
+
+
+def print_table(title: str, rows: list[dict[str, object]]) -> None:
+    """Print rows (dicts with the same keys) as a rich table."""
+    if not rows:
+        return
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(str(key), justify="right" if key != "run" else "left")
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console().print(table)

@@ -1,0 +1,121 @@
+"""arvision-train: tokenizer (stage 1, cached) → generator (stage 2) → evaluation → results.json.
+
+    arvision-train                                   # VQ + raster on Fashion-MNIST, CPU demo budget
+    arvision-train debug=tiny data=shapes             # any pair end to end in seconds
+    arvision-train -m generator.model.depth=4,8       # a sweep; results.json per run, arvision-table to gather
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from arvision import pipeline
+from arvision.cli.common import config_dir, fail, print_table, value
+from arvision.data import DatasetNotFound
+from arvision.evaluation import evaluate_generator, evaluate_tokenizer, get_extractor, reference_metrics
+from arvision.generators.base import IncompatibleTokenizer
+from arvision.metrics import MissingWeights
+from arvision.tasks import NonFiniteLoss
+from arvision.utils.artifacts import ArtifactCache
+from arvision.utils.results import RESULTS_FILE, git_sha, now, versions, write_json_atomic
+
+log = logging.getLogger("arvision")
+
+
+def group_choices() -> dict[str, str]:
+    try:
+        choices = HydraConfig.get().runtime.choices
+        return {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None}
+    except ValueError:  # composed outside @hydra.main (tests)
+        return {}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole run; returns the results dict (also written to `run_dir/results.json`)."""
+    started = time.perf_counter()
+    cfg = pipeline.finalize_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    cache = ArtifactCache(cfg.paths.artifact_dir)
+
+    # Everything that can be wrong with the request fails here, before any training.
+    dm = pipeline.build_datamodule(cfg)
+    probe = pipeline.build_tokenizer(cfg, dm)
+    if cfg.train_generator:
+        pipeline.build_generator(cfg, probe, dm.num_classes)
+    extractor, extractor_info = (get_extractor(cfg, dm, cache, pipeline.classifier_key(cfg)) if cfg.evaluate
+                                 else (None, {}))
+
+    results: dict = {
+        "run_dir": str(run_dir), "started": now(), "choices": group_choices(),
+        "tokenizer": cfg.tokenizer.name, "generator": cfg.generator.name if cfg.train_generator else None,
+        "data": cfg.data.name, "seed": cfg.seed, "tags": list(cfg.tags),
+        "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(), "git_sha": git_sha(),
+        "feature_extractor": extractor_info, "metrics": {}, "costs": {},
+    }
+    tokenizer, tokenizer_dir = pipeline.get_tokenizer(cfg, dm, cache)
+    tok_meta = ArtifactCache.meta(tokenizer_dir)
+    results["tokenizer_artifact"] = str(tokenizer_dir)
+    results["spec"] = tokenizer.spec.to_dict()
+    results["costs"]["stage1_img_per_s"] = tok_meta["train_img_per_s"]
+    results["costs"]["stage1_seconds"] = tok_meta["train_seconds"]
+    if cfg.evaluate:
+        results["metrics"]["tokenizer"] = evaluate_tokenizer(tokenizer, dm, extractor, cfg, run_dir)
+
+    if cfg.train_generator:
+        tokens, labels = pipeline.get_token_cache(cfg, tokenizer, tokenizer_dir, dm, cache)
+        stage2 = pipeline.train_generator(cfg, tokenizer, tokens, labels, dm.num_classes, run_dir)
+        results["costs"]["stage2_img_per_s"] = stage2.steps * stage2.batch_size / max(stage2.seconds, 1e-9)
+        results["costs"]["stage2_seconds"] = stage2.seconds
+        if cfg.evaluate:
+            reference = reference_metrics(extractor, dm, min(cfg.metrics.num_reference, len(dm.test_set)), cfg)
+            generator = stage2.task.sampler().eval()
+            metrics, _, _ = evaluate_generator(generator, tokenizer, dm, reference, cfg, run_dir)
+            results["metrics"]["generator"] = metrics
+    results["costs"]["total_seconds"] = time.perf_counter() - started
+    results["finished"] = now()
+    write_json_atomic(run_dir / RESULTS_FILE, results)
+    return results
+
+
+def summary_row(results: dict) -> dict[str, object]:
+    tok = results["metrics"].get("tokenizer", {})
+    gen = results["metrics"].get("generator", {})
+    row = {"tokenizer": results["tokenizer"], "generator": results["generator"] or "-",
+           "PSNR": value(tok.get("psnr")), "usage": value(tok.get("usage")), "rFID": value(tok.get("rfid"))}
+    if gen:
+        row.update({"FID": value(gen["fid"]), "IS": value(gen["is"]), "prec": value(gen["precision"]),
+                    "recall": value(gen["recall"]), "accuracy": value(gen["accuracy"]),
+                    "sample img/s": value(gen["sample_img_per_s"]), "NFE": gen["nfe_per_image"]})
+    row["train img/s (s1/s2)"] = "{:.0f}/{:.0f}".format(results["costs"].get("stage1_img_per_s", 0),
+                                                          results["costs"].get("stage2_img_per_s", 0))
+    return row
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = train(cfg, run_dir)
+    except (DatasetNotFound, IncompatibleTokenizer, MissingWeights, NonFiniteLoss) as err:
+        fail(str(err))
+    if pipeline.world_rank() == 0:
+        print_table(f"arvision — {run_dir}", [summary_row(results)])
+        ex = results["feature_extractor"]
+        if ex:
+            print(f"metrics: {ex['extractor']} features" + (
+                f" (classifier test accuracy {ex['classifier_test_accuracy']:.3f})" if "classifier_test_accuracy" in ex
+                else "") + f"; samples grid: {run_dir / 'samples.png'}; results: {run_dir / RESULTS_FILE}")
+    gen = results["metrics"].get("generator")
+    return value(gen["fid"]) if gen else None  # the value an Optuna sweep minimises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Stage-2 inputs: the dataset pre-encoded by the frozen tokenizer, served in resumable, seeded batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+Tokens = Any  # a tensor, or a list of tensors (multi-scale), batch dimension first
+
+
+def index_tokens(tokens: Tokens, idx: torch.Tensor) -> Tokens:
+    if isinstance(tokens, (list, tuple)):
+        return [t[idx] for t in tokens]
+    return tokens[idx]
+
+
+def cat_tokens(chunks: list[Tokens]) -> Tokens:
+    if isinstance(chunks[0], (list, tuple)):
+        return [torch.cat(parts) for parts in zip(*chunks)]
+    return torch.cat(chunks)
+
+
+def compact(tokens: Tokens, vocab_size: int | None) -> Tokens:
+    """Store indices in the smallest integer type that holds the vocabulary (the cache is 4–8× smaller)."""
+    if vocab_size is None:
+        return tokens
+    dtype = torch.int16 if vocab_size <= 2**15 else torch.int32
+    if isinstance(tokens, (list, tuple)):
+        return [t.to(dtype) for t in tokens]
+    return tokens.to(dtype) if not tokens.is_floating_point() else tokens
+
+
+def widen(tokens: Tokens) -> Tokens:
+    if isinstance(tokens, (list, tuple)):
+        return [widen(t) for t in tokens]
+    return tokens if tokens.is_floating_point() else tokens.long()
+
+
+class TokenDataset(Dataset):
+    """Whole batches by index tensor: one gather per batch instead of one collate per sample."""
+
+    def __init__(self, tokens: Tokens, labels: torch.Tensor) -> None:
+        self.tokens, self.labels = tokens, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[Tokens, torch.Tensor]:
+        return widen(index_tokens(self.tokens, idx)), self.labels[idx].long()
+
+
+class StepSampler(Sampler[torch.Tensor]):
+    """Yields the batches of steps `start_step .. num_steps − 1` for this rank.
+
+    Batch `s` is a pure function of (seed, s): epochs are seeded permutations of the dataset and every rank takes
+    its slice of the global batch. A run resumed at step k therefore sees exactly the batches an uninterrupted
+    run would, which makes resumption bit-for-bit (set `start_step` from the restored global step).
+    """
+
+    def __init__(self, num_items: int, *, batch_size: int, num_steps: int, seed: int = 0) -> None:
+        self.num_items, self.batch_size, self.num_steps, self.seed = num_items, batch_size, num_steps, seed
+        self.start_step = 0
+
+    def _world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def __len__(self) -> int:
+        return self.num_steps - self.start_step
+
+    def __iter__(self):
+        rank, world = self._world()
+        global_batch = self.batch_size * world
+        per_epoch = self.num_items // global_batch
+        if per_epoch == 0:
+            raise ValueError(f"dataset of {self.num_items} items is smaller than one global batch ({global_batch})")
+        cached_epoch, perm = -1, None
+        for step in range(self.start_step, self.num_steps):
+            epoch, pos = divmod(step, per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, self._epoch(epoch)
+            start = pos * global_batch + rank * self.batch_size
+            yield perm[start:start + self.batch_size]
+
+
+def step_loader(dataset: Dataset, *, batch_size: int, num_steps: int, seed: int) -> DataLoader:
+    sampler = StepSampler(len(dataset), batch_size=batch_size, num_steps=num_steps, seed=seed)
+    return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+
+class ImageBatches(Dataset):
+    """Adapts an image dataset (one sample per index) to index-tensor batches for `step_loader`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = zip(*(self.dataset[int(i)] for i in idx))
+        return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)

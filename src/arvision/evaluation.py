@@ -1,0 +1,175 @@
+"""Evaluation of a run: tokenizer reconstructions, generated samples, sampling cost.
+
+Every metric is stored with the feature extractor and the number of samples that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torchvision.utils import save_image
+
+from arvision.generators.base import Generator
+from arvision.metrics import (ClassifierExtractor, ClassifierNet, CodebookUsage, FeatureExtractor, GenerationMetrics,
+                              InceptionExtractor, count_parameters, psnr, ssim, train_classifier)
+from arvision.tokenizers.base import Tokenizer
+from arvision.utils.artifacts import ArtifactCache
+from arvision.utils.results import metric
+
+log = logging.getLogger("arvision")
+
+
+# --------------------------------------------------------------------------------------------- feature extractor
+def get_extractor(cfg: DictConfig, dm, cache: ArtifactCache, key: str) -> tuple[FeatureExtractor, dict[str, Any]]:
+    """The configured extractor; the classifier is trained once per dataset and cached as an artifact."""
+    if cfg.metrics.extractor == "inception":
+        return InceptionExtractor(cfg.metrics.inception_weights), {"extractor": "inception"}
+    if cfg.metrics.extractor != "classifier":
+        raise ValueError(f"metrics.extractor must be classifier or inception, got {cfg.metrics.extractor!r}")
+    c = cfg.metrics.classifier
+
+    def build(tmp: Path) -> dict[str, Any]:
+        log.info("training the classifier feature extractor (once per dataset)")
+        start = time.perf_counter()
+        net, accuracy = train_classifier(dm.train_set, dm.test_set, in_channels=dm.channels,
+                                         num_classes=dm.num_classes, width=c.width, epochs=c.epochs,
+                                         batch_size=c.batch_size, lr=c.lr, seed=cfg.seed,
+                                         progress=cfg.trainer.enable_progress_bar)
+        torch.save({"state_dict": net.state_dict(), "width": c.width, "in_channels": dm.channels,
+                    "num_classes": dm.num_classes}, tmp / "classifier.pt")
+        return {"kind": "classifier", "test_accuracy": accuracy, "train_seconds": time.perf_counter() - start,
+                "num_test": len(dm.test_set)}
+
+    path = cache.get_or_build("classifier", key, build)
+    blob = torch.load(path / "classifier.pt", map_location="cpu", weights_only=True)
+    net = ClassifierNet(in_channels=blob["in_channels"], num_classes=blob["num_classes"], width=blob["width"])
+    net.load_state_dict(blob["state_dict"])
+    meta = ArtifactCache.meta(path)
+    return ClassifierExtractor(net.eval()), {"extractor": "classifier", "artifact": path.name,
+                                             "classifier_test_accuracy": meta["test_accuracy"]}
+
+
+def reference_metrics(extractor: FeatureExtractor, dm, num_reference: int, cfg: DictConfig) -> GenerationMetrics:
+    metrics = GenerationMetrics(extractor=extractor, num_classes=dm.num_classes)
+    images, _ = dm.reference_images(num_reference)
+    for chunk in images.split(cfg.metrics.batch_size):
+        metrics.update_real(chunk.float() / 127.5 - 1.0)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+@torch.no_grad()
+def evaluate_tokenizer(tokenizer: Tokenizer, dm, extractor: FeatureExtractor, cfg: DictConfig,
+                       out_dir: Path | None = None) -> dict[str, Any]:
+    """PSNR/SSIM per image, rFID against the originals, eval-set codebook usage/perplexity, codec speed."""
+    n = min(cfg.metrics.num_reference, len(dm.test_set))
+    images, _ = dm.reference_images(n)
+    images = images.float() / 127.5 - 1.0
+    metrics = GenerationMetrics(extractor=extractor, num_classes=None)
+    usage = CodebookUsage(tokenizer.spec.vocab_size) if tokenizer.spec.kind == "discrete" else None
+    psnrs, ssims, encode_s, decode_s = [], [], 0.0, 0.0
+    tokenizer.encode(images[:8])  # warm-up, excluded from the timings
+    for chunk in images.split(cfg.metrics.batch_size):
+        start = time.perf_counter()
+        tokens = tokenizer.encode(chunk)
+        encode_s += time.perf_counter() - start
+        start = time.perf_counter()
+        recon = tokenizer.decode(tokens)
+        decode_s += time.perf_counter() - start
+        if usage is not None:
+            usage.update(tokens if torch.is_tensor(tokens) else torch.cat([t.flatten() for t in tokens]))
+        psnrs.append(psnr(recon, chunk))
+        ssims.append(ssim(recon, chunk))
+        metrics.update_real(chunk)
+        metrics.update_fake(recon)
+    gen = metrics.compute()
+    ex = extractor.name
+    out = {
+        "psnr": metric(torch.cat(psnrs).mean().item(), num_samples=n, split="test"),
+        "ssim": metric(torch.cat(ssims).mean().item(), num_samples=n, split="test", data_range=1.0),
+        "rfid": metric(gen["fid"], extractor=ex, num_samples=n, reference="test originals"),
+        "encode_img_per_s": metric(n / encode_s, device="cpu"),
+        "decode_img_per_s": metric(n / decode_s, device="cpu"),
+        "params": count_parameters(tokenizer),
+    }
+    if usage is not None:
+        out["usage"] = metric(usage.usage(), num_samples=n, scope="eval set")
+        out["perplexity"] = metric(usage.perplexity(), num_samples=n, scope="eval set")
+    if out_dir is not None:
+        k = min(32, n)
+        save_image(torch.cat([images[:k], tokenizer.decode(tokenizer.encode(images[:k]))]) * 0.5 + 0.5,
+                   out_dir / "reconstructions.png", nrow=k // 2 if k >= 16 else k)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- generator
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def sample_images(generator: Generator, tokenizer: Tokenizer, labels: torch.Tensor, *, batch_size: int,
+                  seed: int, **sampling: Any) -> tuple[torch.Tensor, float]:
+    """Generate and decode images for `labels`; returns images in [-1, 1] and the timed seconds.
+
+    One small batch runs first as warm-up and is excluded from the timing.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    tokenizer.decode(generator.sample(labels[: min(4, len(labels))], generator=torch.Generator().manual_seed(seed),
+                                      **sampling))
+    chunks, start = [], time.perf_counter()
+    for chunk in labels.split(batch_size):
+        chunks.append(tokenizer.decode(generator.sample(chunk, generator=rng, **sampling)).clamp(-1, 1))
+    return torch.cat(chunks), time.perf_counter() - start
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (N, C, H, W) → uint8 (N, H, W, C), rounding as the ADM/VAR exporters do."""
+    x = ((images * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 10) -> None:
+    """One row per class."""
+    rows = []
+    for c in labels.unique(sorted=True).tolist():
+        picked = images[labels == c][:per_class]
+        if len(picked) < per_class:
+            picked = torch.cat([picked, -torch.ones(per_class - len(picked), *images.shape[1:])])
+        rows.append(picked)
+    save_image(torch.cat(rows) * 0.5 + 0.5, path, nrow=per_class, padding=1)
+
+
+@torch.no_grad()
+def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference: GenerationMetrics,
+                       cfg: DictConfig, out_dir: Path | None = None) -> tuple[dict[str, Any], torch.Tensor,
+                                                                               torch.Tensor]:
+    m = cfg.metrics
+    sampling = dict(cfg.generator.sample)
+    labels = balanced_labels(m.num_samples, dm.num_classes)
+    images, seconds = sample_images(generator, tokenizer, labels, batch_size=m.batch_size, seed=m.seed,
+                                    **sampling)
+    reference.reset_fake()
+    for img, lab in zip(images.split(m.batch_size), labels.split(m.batch_size)):
+        reference.update_fake(img, lab)
+    gen = reference.compute()
+    ex, n = reference.extractor.name, m.num_samples
+    out = {name: metric(gen[key], extractor=ex, num_samples=n, num_reference=gen["num_real"])
+           for name, key in [("fid", "fid"), ("is", "is_mean"), ("kid", "kid_mean"), ("precision", "precision"),
+                             ("recall", "recall"), ("accuracy", "accuracy")]}
+    out["is_std"] = gen["is_std"]
+    out["kid_std"] = gen["kid_std"]
+    out["sample_img_per_s"] = metric(n / seconds, device=str(next(generator.parameters()).device),
+                                     batch_size=m.batch_size, **sampling)
+    out["nfe_per_image"] = generator.network_evaluations(sampling.get("cfg", 1.0))
+    out["params"] = count_parameters(generator)
+    if out_dir is not None:
+        save_class_grid(images, labels, out_dir / "samples.png")
+        np.savez(out_dir / "samples.npz", arr_0=to_uint8(images), labels=labels.numpy())
+    return out, images, labels

@@ -1,0 +1,67 @@
+"""Token sampling and classifier-free guidance, shared by the discrete generators.
+
+Two CFG conventions appear in the literature and their scales are not comparable:
+    LlamaGen:  logits = uncond + s·(cond − uncond)                 s = 1 is unguided
+    VAR:       logits = (1 + t)·cond − t·uncond,  t = s·k/(K − 1)  ramped over the K scales, t = 0 is unguided
+The second is the first with weight 1 + t: `classifier_free_guidance(cond, uncond, 1 + linear_cfg_schedule(s, k, K))`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use sample_from_logits(temperature=0) for argmax), got {temperature}")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th are kept), -inf elsewhere; k = 0 is off."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest most-likely prefix whose probability mass is ≥ p (at least one token).
+
+    p = 1 is off.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the most likely token always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row of logits (..., V) → LongTensor (...). Temperature, then top-k, then top-p
+    (LlamaGen's order); temperature 0 is argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    probs = logits.softmax(dim=-1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+
+
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """LlamaGen's CFG: uncond + scale·(cond − uncond); scale 1 returns cond, 0 returns uncond."""
+    return uncond + scale * (cond - uncond)
+
+
+def linear_cfg_schedule(scale: float, step: int, num_steps: int) -> float:
+    """VAR's ramp t = scale·k/(K − 1) for step k of K: 0 at the first scale, `scale` at the last.
+
+    The guided logits are (1 + t)·cond − t·uncond. A single-step schedule gets the full `scale`.
+    """
+    if num_steps == 1:
+        return scale
+    return scale * step / (num_steps - 1)

@@ -1,0 +1,85 @@
+"""Multi-head self-attention on `F.scaled_dot_product_attention` with grouped KV heads and a KV cache.
+
+Masks are boolean, True = may attend, over all keys the layer sees (cached ones first, then the new chunk),
+broadcastable to (B, heads, q_len, k_len). `is_causal=True` means causal in absolute positions: without a
+cache it is SDPA's own flag (flash kernels stay on); with a cache the new chunk sits at the end of the keys, so
+a lower-right mask is built (none at all for a single query, which may see every key).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from arvision.nn.rope import apply_rope
+
+
+def causal_mask(q_len: int, k_len: int, *, device: torch.device | None = None) -> torch.Tensor:
+    """Bool (q_len, k_len): query i, the (k_len - q_len + i)-th position, sees keys up to and including itself."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for `max_len` positions.
+
+    Storage (B, kv_heads, max_len, head_dim) is allocated by the first `append` (so batch, dtype and device
+    follow the activations, autocast included); later appends write in place. Fill it with a prefill of many
+    tokens, then append chunk by chunk.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, kv_heads, n, head_dim); return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > max_len={self.max_len}")
+        if self.k is None or self.v is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Fused-QKV attention (LlamaGen/Llama layout: `wqkv`, `wo`, no biases); `kv_heads < heads` is GQA."""
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, resid_dropout: float = 0.0) -> None:
+        super().__init__()
+        kv_heads = kv_heads or heads
+        if dim % heads or heads % kv_heads:
+            raise ValueError(f"need heads | dim and kv_heads | heads, got dim={dim} heads={heads} kv_heads={kv_heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wqkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """x (B, L, dim) → (B, L, dim). `rope` (L, head_dim // 2, 2) holds the new tokens' positions."""
+        if is_causal and attn_mask is not None:
+            raise ValueError("pass either attn_mask or is_causal, not both")
+        kv = self.kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.heads * self.head_dim, kv, kv], dim=-1)
+        q = rearrange(q, "b l (h d) -> b h l d", h=self.heads)
+        k = rearrange(k, "b l (h d) -> b h l d", h=self.kv_heads)
+        v = rearrange(v, "b l (h d) -> b h l d", h=self.kv_heads)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            if is_causal and past:  # SDPA's is_causal aligns top-left, wrong once keys precede the chunk
+                is_causal = False
+                attn_mask = causal_mask(q.shape[2], k.shape[2], device=x.device) if q.shape[2] > 1 else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return self.resid_dropout(self.wo(rearrange(out, "b h l d -> b l (h d)")))

@@ -1,0 +1,86 @@
+"""Llama-style building blocks: SwiGLU feed-forward, drop-path, pre-norm transformer block, class embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arvision.nn.attention import Attention, KVCache
+from arvision.nn.norm import RMSNorm
+
+
+def swiglu_hidden(dim: int) -> int:
+    """Llama's SwiGLU width 2·4d/3 rounded up to a multiple of 256 (64 below d = 512, so tiny models stay tiny)."""
+    multiple = 256 if dim >= 512 else 64
+    hidden = int(2 * 4 * dim / 3)
+    return -(-hidden // multiple) * multiple
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones by 1 / (1 - p)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)). Submodule names follow LlamaGen's checkpoints."""
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, ffn_hidden: int | None = None,
+                 resid_dropout: float = 0.0, ffn_dropout: float = 0.0, drop_path: float = 0.0,
+                 norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, eps=norm_eps)
+        self.attention = Attention(dim, heads, kv_heads=kv_heads, resid_dropout=resid_dropout)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+        self.feed_forward = FeedForward(dim, ffn_hidden or swiglu_hidden(dim), dropout=ffn_dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path(self.attention(self.attention_norm(x), rope=rope, cache=cache,
+                                              attn_mask=attn_mask, is_causal=is_causal))
+        return x + self.drop_path(self.feed_forward(self.ffn_norm(x)))
+
+
+class LabelEmbedding(nn.Module):
+    """Class embedding with a null class (row `num_classes`) for classifier-free guidance.
+
+    In training mode each label is replaced by the null class with probability `dropout`.
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def drop(self, labels: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout == 0.0:
+            return labels
+        dropped = torch.rand(labels.shape, device=labels.device) < self.dropout
+        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(self.drop(labels))

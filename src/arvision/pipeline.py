@@ -1,0 +1,223 @@
+"""One run, end to end: data → tokenizer artifact (stage 1) → token cache → generator (stage 2) → evaluation.
+
+The CLI entry points are thin wrappers over these functions; tests and notebooks call them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from arvision.data.tokens import (ImageBatches, TokenDataset, cat_tokens, compact, step_loader)
+from arvision.generators.base import Generator
+from arvision.tasks import GeneratorTask, TokenizerTask
+from arvision.tasks.tokenizer_task import stage1_trainer_steps
+from arvision.tokenizers.base import Tokenizer
+from arvision.utils.artifacts import ArtifactCache, config_hash
+from arvision.utils.instantiate import instantiate
+
+log = logging.getLogger("arvision")
+
+# Data settings that change only how data is served, not which images a model sees.
+DATA_LOADING_KEYS = {"batch_size", "eval_batch_size", "num_workers", "download", "download_dir"}
+
+
+# --------------------------------------------------------------------------------------------- configuration
+def finalize_config(cfg: DictConfig) -> DictConfig:
+    """Apply `debug=tiny` (each group's `tiny:` block) and the trainer's step scale; drop the helper keys."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for group in ("tokenizer", "generator"):
+            node = cfg.get(group)
+            if node is None:
+                continue
+            tiny = node.pop("tiny", None)
+            if cfg.get("tiny") and tiny is not None:
+                cfg[group] = OmegaConf.merge(node, tiny)
+        scale = float(cfg.trainer.get("steps_scale", 1.0))
+        for group in ("tokenizer", "generator"):
+            if cfg.get(group) is not None and scale != 1.0:
+                cfg[group].train.max_steps = int(round(cfg[group].train.max_steps * scale))
+    return cfg
+
+
+def data_identity(cfg: DictConfig) -> dict[str, Any]:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {k: v for k, v in data.items() if k not in DATA_LOADING_KEYS}
+
+
+def tokenizer_key(cfg: DictConfig) -> str:
+    return config_hash("tokenizer", cfg.tokenizer.model, cfg.tokenizer.train, data_identity(cfg), cfg.seed)
+
+
+def classifier_key(cfg: DictConfig) -> str:
+    return config_hash("classifier", cfg.metrics.classifier, data_identity(cfg), cfg.seed)
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.pop("steps_scale", None)
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+def build_datamodule(cfg: DictConfig):
+    """The datamodule, set up: a missing dataset fails here, before any model is built."""
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_tokenizer(cfg: DictConfig, dm) -> Tokenizer:
+    return instantiate(cfg.tokenizer.model, image_size=dm.image_size, image_channels=dm.channels)
+
+
+def build_generator(cfg: DictConfig, tokenizer: Tokenizer, num_classes: int) -> Generator:
+    """Raises `IncompatibleTokenizer` for unsupported pairs (cheap: call it before training anything)."""
+    return instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=num_classes)
+
+
+def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: list, callbacks: list,
+                 grad_clip: float | None = None) -> L.Trainer:
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                                     every_n_train_steps=cfg.checkpoint_every)
+    return L.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=-1, logger=loggers or False,
+                     callbacks=[checkpoint, *callbacks], limit_val_batches=0, num_sanity_val_steps=0,
+                     use_distributed_sampler=False, enable_model_summary=False, default_root_dir=str(ckpt_dir),
+                     gradient_clip_val=grad_clip)
+
+
+def instantiate_dict(node: DictConfig | None) -> list:
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | None) -> float:
+    """Fit, resuming from `ckpt_path` when it exists; returns the wall-clock seconds of this call."""
+    resume = str(ckpt_path) if ckpt_path is not None and Path(ckpt_path).exists() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    start = time.perf_counter()
+    trainer.fit(task, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------- stage 1
+def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[str, Any]:
+    """Train the tokenizer into `out_dir` (checkpoints in `work_dir`, so a crashed build resumes)."""
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = build_tokenizer(cfg, dm)
+    train = cfg.tokenizer.train
+    task = TokenizerTask(tokenizer=tokenizer, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+                         warmup_steps=train.warmup_steps, max_steps=train.max_steps, grad_clip=train.grad_clip,
+                         perceptual_weight=train.perceptual_weight, disc_weight=train.disc_weight,
+                         disc_start=train.disc_start, disc_width=train.disc_width, disc_layers=train.disc_layers)
+    loader = step_loader(ImageBatches(dm.train_set), batch_size=train.batch_size, num_steps=train.max_steps,
+                         seed=cfg.seed)
+    trainer = make_trainer(cfg, max_steps=stage1_trainer_steps(train.max_steps, train.disc_weight, train.disc_start),
+                           ckpt_dir=work_dir, loggers=[], callbacks=instantiate_dict(cfg.get("callbacks")))
+    log.info("stage 1: training tokenizer=%s for %d steps", cfg.tokenizer.name, train.max_steps)
+    seconds = fit(trainer, task, loader, work_dir / "last.ckpt")
+    torch.save({"state_dict": tokenizer.state_dict(),
+                "config": OmegaConf.to_container(cfg.tokenizer.model, resolve=True),
+                "image_size": dm.image_size, "image_channels": dm.channels}, out_dir / "tokenizer.pt")
+    return {"kind": "tokenizer", "name": cfg.tokenizer.name, "spec": tokenizer.spec.to_dict(),
+            "train_seconds": seconds, "train_steps": train.max_steps,
+            "train_img_per_s": train.max_steps * train.batch_size / max(seconds, 1e-9),
+            "perceptual_loss": task.perceptual_active, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+            "data": data_identity(cfg), "seed": cfg.seed}
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    blob = torch.load(path / "tokenizer.pt", map_location="cpu", weights_only=True)
+    tokenizer = instantiate(blob["config"], image_size=blob["image_size"], image_channels=blob["image_channels"])
+    tokenizer.load_state_dict(blob["state_dict"])
+    return tokenizer.eval().requires_grad_(False)
+
+
+def get_tokenizer(cfg: DictConfig, dm, cache: ArtifactCache) -> tuple[Tokenizer, Path]:
+    key = tokenizer_key(cfg)
+    if cache.exists("tokenizer", key):
+        log.info("stage 1: reusing tokenizer artifact %s", key)
+    path = cache.get_or_build("tokenizer", key,
+                              lambda tmp: train_tokenizer(cfg, dm, tmp, cache.work_dir("tokenizer", key)))
+    return load_tokenizer(path), path
+
+
+# --------------------------------------------------------------------------------------------- token cache
+@torch.no_grad()
+def encode_dataset(tokenizer: Tokenizer, dataset, batch_size: int = 500) -> tuple[Any, torch.Tensor]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    chunks, labels = [], []
+    for images, y in loader:
+        chunks.append(compact(tokenizer.encode(images), tokenizer.spec.vocab_size))
+        labels.append(y)
+    return cat_tokens(chunks), torch.cat(labels)
+
+
+def get_token_cache(cfg: DictConfig, tokenizer: Tokenizer, tokenizer_dir: Path, dm,
+                    cache: ArtifactCache) -> tuple[Any, torch.Tensor]:
+    key = config_hash("tokens", tokenizer_dir.name, data_identity(cfg))
+
+    def build(tmp: Path) -> dict[str, Any]:
+        start = time.perf_counter()
+        tokens, labels = encode_dataset(tokenizer, dm.train_set, cfg.data.eval_batch_size)
+        torch.save({"tokens": tokens, "labels": labels}, tmp / "tokens.pt")
+        return {"kind": "tokens", "tokenizer": tokenizer_dir.name, "num_items": len(labels),
+                "encode_seconds": time.perf_counter() - start}
+
+    path = cache.get_or_build("tokens", key, build)
+    blob = torch.load(path / "tokens.pt", map_location="cpu", weights_only=True)
+    return blob["tokens"], blob["labels"]
+
+
+# --------------------------------------------------------------------------------------------- stage 2
+@dataclass
+class Stage2:
+    task: GeneratorTask
+    seconds: float
+    steps: int
+    batch_size: int
+
+
+def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: torch.Tensor, num_classes: int,
+                    run_dir: Path) -> Stage2:
+    L.seed_everything(cfg.seed, workers=True)
+    generator = build_generator(cfg, tokenizer, num_classes)
+    train = cfg.generator.train
+    task = GeneratorTask(generator=generator, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+                         warmup_steps=train.warmup_steps, max_steps=train.max_steps, ema_decay=train.ema_decay)
+    loader = step_loader(TokenDataset(tokens, labels), batch_size=train.batch_size, num_steps=train.max_steps,
+                         seed=cfg.seed)
+    ckpt_dir = run_dir / "checkpoints" / "generator"
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer = make_trainer(cfg, max_steps=train.max_steps, ckpt_dir=ckpt_dir, loggers=loggers,
+                           callbacks=instantiate_dict(cfg.get("callbacks")), grad_clip=train.grad_clip)
+    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else ckpt_dir / "last.ckpt"
+    log.info("stage 2: training generator=%s for %d steps", cfg.generator.name, train.max_steps)
+    seconds = fit(trainer, task, loader, ckpt)
+    torch.save({"generator": task.generator.state_dict(), "ema": task.ema.module.state_dict(),
+                "config": OmegaConf.to_container(cfg.generator.model, resolve=True), "num_classes": num_classes},
+               run_dir / "generator.pt")
+    return Stage2(task=task, seconds=seconds, steps=train.max_steps, batch_size=train.batch_size)
+
+
+def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> Generator:
+    blob = torch.load(Path(run_dir) / "generator.pt", map_location="cpu", weights_only=True)
+    generator = instantiate(blob["config"])(spec=tokenizer.spec, num_classes=blob["num_classes"])
+    generator.load_state_dict(blob["ema" if ema else "generator"])
+    return generator.eval()
+
+
+def world_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))

@@ -1,0 +1,57 @@
+"""Stage 2: train a generator on pre-encoded tokens of the frozen tokenizer, with an EMA of its weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from arvision.generators.base import Generator
+from arvision.tasks.ema import EMA
+from arvision.tasks.errors import NonFiniteLoss
+from arvision.tasks.optim import adamw, warmup_cosine
+from arvision.tasks.resume import ResumableTask
+
+
+class GeneratorTask(ResumableTask):
+    def __init__(
+        self,
+        *,
+        generator: Generator,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        max_steps: int = 1000,
+        ema_decay: float = 0.999,
+    ) -> None:
+        super().__init__()
+        self.generator = generator
+        self.ema = EMA(generator, decay=ema_decay)
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+
+    def configure_optimizers(self):
+        opt = adamw(self.generator, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        sched = warmup_cosine(opt, warmup_steps=self.warmup_steps, max_steps=self.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        tokens, labels = batch
+        out = self.generator.loss(tokens, labels)
+        loss = out["loss"]
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"stage-2 loss is {loss.item()} at step {self.global_step}; stopped, the last good "
+                                f"checkpoint is kept (lower the learning rate or check the tokens)")
+        self.log_dict({f"stage2/{k}": v.detach() for k, v in out.items() if k != "loss"})
+        self.log("stage2/loss", loss.detach(), prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (the checkpoint) run before that hook.
+        self.ema.update(self.generator)
+
+    def sampler(self) -> Generator:
+        """The generator used for sampling and evaluation: the EMA weights."""
+        return self.ema.module

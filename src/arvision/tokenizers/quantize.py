@@ -1,0 +1,88 @@
+"""Vector-quantisation maths shared by the discrete tokenizers.
+
+`VectorQuantizer` is LlamaGen's quantiser: codes and inputs optionally l2-normalised (cosine lookup), the
+codebook learned by gradient (codebook loss ‖sg(z) − e‖²), commitment β‖z − sg(e)‖², straight-through
+gradients `z + sg(e − z)`. Residual and multi-scale quantisers reuse `nearest_code` and the usage statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Indices of the nearest codebook rows (squared L2) for each row of `z` (N, d) → (N,)."""
+    # ‖z‖² − 2 z·e + ‖e‖²; ‖z‖² is constant per row and dropped.
+    distances = codebook.pow(2).sum(1) - 2 * z @ codebook.t()
+    return distances.argmin(dim=1)
+
+
+def usage_and_perplexity(indices: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fraction of codes used and exp(entropy) of the code histogram, over one batch of indices."""
+    counts = torch.bincount(indices.flatten(), minlength=vocab_size).float()
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return (counts > 0).float().mean(), entropy.exp()
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, *, vocab_size: int, dim: int, beta: float = 0.25, l2_norm: bool = True,
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.01) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.dim = dim
+        self.beta = beta
+        self.l2_norm = l2_norm
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
+        self.embedding = nn.Embedding(vocab_size, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / vocab_size, 1.0 / vocab_size)
+        if l2_norm:
+            self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
+
+    def codebook(self) -> torch.Tensor:
+        weight = self.embedding.weight
+        return F.normalize(weight, dim=-1) if self.l2_norm else weight
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """z (B, dim, h, w) → (straight-through z_q (B, dim, h, w), indices (B, h, w), losses and stats)."""
+        b, _, h, w = z.shape
+        z = rearrange(z, "b c h w -> (b h w) c")
+        if self.l2_norm:
+            z = F.normalize(z, dim=-1)
+        codebook = self.codebook()
+        indices = nearest_code(z.detach(), codebook.detach())
+        z_q = codebook[indices]
+        losses = {
+            "codebook_loss": F.mse_loss(z_q, z.detach()),
+            "commit_loss": self.beta * F.mse_loss(z, z_q.detach()),
+        }
+        if self.entropy_weight > 0:
+            losses["entropy_loss"] = self.entropy_weight * self.entropy_loss(z, codebook)
+        z_q = z + (z_q - z).detach()  # straight-through estimator
+        usage, perplexity = usage_and_perplexity(indices, self.vocab_size)
+        stats = {"usage": usage, "perplexity": perplexity}
+        z_q = rearrange(z_q, "(b h w) c -> b c h w", b=b, h=h, w=w)
+        return z_q, indices.view(b, h, w), {**losses, **stats}
+
+    def entropy_loss(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """LlamaGen's optional entropy penalty: confident per-sample assignments, diverse on average."""
+        logits = -(codebook.pow(2).sum(1) - 2 * z @ codebook.t()) / self.entropy_temperature
+        probs = logits.softmax(-1)
+        per_sample = -(probs * logits.log_softmax(-1)).sum(-1).mean()
+        avg = probs.mean(0)
+        codebook_entropy = -(avg * torch.log(avg.clamp_min(1e-12))).sum()
+        return per_sample - codebook_entropy
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (B, h, w) → codes (B, dim, h, w)."""
+        return rearrange(self.codebook()[indices], "b h w c -> b c h w")
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.vocab_size}, dim={self.dim}, beta={self.beta}, l2_norm={self.l2_norm}"
+
+
+__all__ = ["VectorQuantizer", "nearest_code", "usage_and_perplexity"]

@@ -1,0 +1,255 @@
+"""RasterGenerator (LlamaGen) and the shared nn layers it is built from."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from arvision.generators import IncompatibleTokenizer, RasterGenerator
+from arvision.generators.sampling import classifier_free_guidance
+from arvision.nn import Attention, KVCache, apply_rope, causal_mask, grid_positions, rope_2d
+from arvision.tokenizers.base import TokenSpec
+
+VQ = TokenSpec(name="vq", kind="discrete", layout="grid", grid=(4, 4), dim=8, vocab_size=32, image_size=16,
+               image_channels=1)
+RVQ = TokenSpec(name="rvq", kind="discrete", layout="depth", grid=(2, 2), dim=8, vocab_size=16, depth=3,
+                image_size=8, image_channels=1)
+NUM_CLASSES = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost ~100×."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(spec: TokenSpec = VQ, *, kv_heads: int | None = None, seed: int = 0, **kwargs) -> RasterGenerator:
+    torch.manual_seed(seed)
+    model = RasterGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=2, heads=4, kv_heads=kv_heads,
+                            **kwargs)
+    torch.nn.init.normal_(model.output.weight, std=0.5)  # the zero-initialised head would make every logit equal
+    return model.eval()
+
+
+def batch(spec: TokenSpec = VQ, b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (b, *spec.grid) + ((spec.depth,) if spec.layout == "depth" else ())
+    assert spec.vocab_size is not None
+    return (torch.randint(0, spec.vocab_size, shape, generator=gen),
+            torch.randint(0, NUM_CLASSES, (b,), generator=gen))
+
+
+@functools.cache
+def shared(kv_heads: int | None = None) -> RasterGenerator:
+    """One eval-mode model per GQA setting, reused by the read-only tests."""
+    return make(kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+@pytest.mark.parametrize("chunks", [[1] * 16, [5, 1, 3, 1, 6]])
+def test_cached_decoding_matches_teacher_forcing(kv_heads: int | None, chunks: list[int]) -> None:
+    """Feeding the same tokens through the KV cache (a prefill, then chunks) gives the teacher-forced logits."""
+    model = shared(kv_heads)
+    tokens, labels = batch()
+    full = model(tokens, labels)
+    assert full.shape == (3, 16, 32)
+    with torch.no_grad():
+        seq = model.flatten(tokens)
+        x = torch.cat([model.cls_embedding(labels)[:, None], model.embed_tokens(seq[:, :-1])], dim=1)
+        caches, pieces, start = model.new_caches(), [], 0
+        for n in chunks:
+            pieces.append(model.decode(x[:, start:start + n], start=start, caches=caches))
+            start += n
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(j=st.integers(0, 15))
+def test_causal(j: int) -> None:
+    model = shared(2)
+    tokens, labels = batch()
+    changed = tokens.clone().flatten(1)
+    changed[:, j] = (changed[:, j] + 1) % 32
+    with torch.no_grad():
+        a, b = model(tokens, labels), model(changed.view_as(tokens), labels)
+    torch.testing.assert_close(a[:, :j + 1], b[:, :j + 1], atol=1e-6, rtol=0)
+    if j < 15:
+        assert not torch.allclose(a[:, j + 1], b[:, j + 1])  # token j does reach the next position
+
+
+def test_rope_zeroes_class_slot() -> None:
+    model = shared()
+    assert model.rope.shape == (1 + 16, 4, 2)
+    assert torch.all(model.rope[0] == 0)
+    q = torch.randn(2, 4, 17, 8)
+    rotated = apply_rope(q, model.rope)
+    assert torch.all(rotated[:, :, 0] == 0)
+    assert rotated[:, :, 1:].abs().sum() > 0
+    torch.testing.assert_close(rotated[:, :, 1], q[:, :, 1])  # grid position (0, 0) is the identity rotation
+
+
+@settings(max_examples=25, deadline=None)
+@given(pos=st.lists(st.integers(0, 20), min_size=6, max_size=6))
+def test_rope_depends_only_on_offset(pos: list[int]) -> None:
+    r1, c1, r2, c2, dr, dc = pos
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=gen, dtype=torch.float64), torch.randn(16, generator=gen, dtype=torch.float64)
+
+    def score(p: tuple[int, int], s: tuple[int, int]) -> torch.Tensor:
+        table = rope_2d(torch.tensor([p, s]), 16).double()
+        return apply_rope(q, table[0]) @ apply_rope(k, table[1])
+
+    # the table is fp32 (as LlamaGen's), so allow its rounding at large angles
+    torch.testing.assert_close(score((r1, c1), (r2, c2)), score((r1 + dr, c1 + dc), (r2 + dr, c2 + dc)),
+                               atol=1e-5, rtol=1e-5)
+    # and each axis matters on its own
+    if r1 != r2:
+        assert not torch.allclose(score((r1, c1), (r2, c1)), score((r1, c1), (r1, c1)))
+
+
+def test_rope_matches_llamagen_layout() -> None:
+    """First half of the channel pairs turns with the row, second half with the column; freq base^(-2j/(d/2))."""
+    table = rope_2d(grid_positions(3, 3), 8, base=100.0)
+    angles = torch.atan2(table[..., 1], table[..., 0])  # (9, 4)
+    rows, cols = grid_positions(3, 3).unbind(-1)
+    freqs = torch.tensor([1.0, 100.0 ** -0.5])
+    torch.testing.assert_close(angles, torch.cat([torch.outer(rows, freqs), torch.outer(cols, freqs)], -1))
+
+
+def test_attention_mask_equals_is_causal_and_cache_rejects_overflow() -> None:
+    torch.manual_seed(0)
+    attn = Attention(32, 4, kv_heads=2).eval()
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(attn(x, attn_mask=causal_mask(6, 6)), attn(x, is_causal=True))
+    cache = KVCache(6)
+    attn(x[:, :4], cache=cache, is_causal=True)
+    with pytest.raises(ValueError, match="overflow"):
+        attn(x[:, :3], cache=cache, is_causal=True)
+
+
+def test_loss_decreases_when_overfitting() -> None:
+    torch.manual_seed(0)
+    model = RasterGenerator(spec=VQ, num_classes=NUM_CLASSES, dim=32, depth=2, heads=4, kv_heads=2).train()
+    tokens, labels = batch(b=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        out = model.loss(tokens, labels)
+        assert set(out) >= {"loss", "accuracy"}
+        assert torch.isfinite(out["loss"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(32.0)).item(), abs=1e-4)  # zero head: uniform
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_label_dropout_rate() -> None:
+    model = make(class_dropout=0.25)
+    labels = torch.randint(0, NUM_CLASSES, (20000,), generator=torch.Generator().manual_seed(0))
+    model.train()
+    torch.manual_seed(0)
+    dropped = model.cls_embedding.drop(labels)
+    is_null = dropped == NUM_CLASSES
+    assert abs(is_null.float().mean().item() - 0.25) < 0.015
+    assert torch.equal(dropped[~is_null], labels[~is_null])
+    model.eval()
+    assert torch.equal(model.cls_embedding.drop(labels), labels)
+    assert model.cls_embedding.embedding_table.num_embeddings == NUM_CLASSES + 1
+
+
+def test_sampling_is_seeded() -> None:
+    model = shared(2).train()  # sample must switch to eval and back
+    labels = torch.tensor([0, 1, 2, 3])
+    draw = lambda seed, cfg: model.sample(labels, cfg=cfg, generator=torch.Generator().manual_seed(seed))
+    for cfg in (1.0, 3.0):
+        a = draw(0, cfg)
+        assert a.shape == (4, 4, 4) and a.dtype == torch.long
+        assert torch.equal(a, draw(0, cfg))
+        assert not torch.equal(a, draw(1, cfg))
+    assert model.training
+    model.eval()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_sampling_passes_and_rows(cfg: float) -> None:
+    model = shared()
+    rows: list[int] = []
+    hook = model.output.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    try:
+        model.sample(torch.arange(3), cfg=cfg, generator=torch.Generator().manual_seed(0), top_k=8, top_p=0.9)
+    finally:
+        hook.remove()
+    factor = 2 if cfg != 1.0 else 1
+    assert rows == [3 * factor] * 16
+    assert model.network_evaluations(cfg) == 16
+    assert model.sampling_cost(cfg) == {"passes": 16, "rows_per_pass_factor": factor}
+
+
+def test_cfg_interval_and_greedy() -> None:
+    model = shared()
+    labels = torch.arange(2)
+    greedy = lambda **kw: model.sample(labels, temperature=0.0, **kw)
+    # guiding zero tokens is the conditional model; guiding all differs from it at a strong scale
+    assert torch.equal(greedy(cfg=4.0, cfg_interval=0), greedy(cfg=1.0))
+    assert not torch.equal(greedy(cfg=4.0), greedy(cfg=1.0))
+
+
+def test_incompatible_tokenizers() -> None:
+    vae = TokenSpec(name="vae", kind="continuous", layout="grid", grid=(4, 4), dim=4)
+    with pytest.raises(IncompatibleTokenizer) as err:
+        RasterGenerator(spec=vae, num_classes=NUM_CLASSES, dim=32, depth=1, heads=4)
+    assert str(err.value) == ("raster needs a discrete grid or residual tokenizer (tokenizer=vq or tokenizer=rvq); "
+                              "got tokenizer=vae")
+    msvq = TokenSpec(name="msvq", kind="discrete", layout="scales", grid=(4, 4), dim=8, vocab_size=32,
+                     scales=(1, 2, 4))
+    with pytest.raises(IncompatibleTokenizer, match="got tokenizer=msvq"):
+        RasterGenerator(spec=msvq, num_classes=NUM_CLASSES, dim=32, depth=1, heads=4)
+
+
+def test_depth_layout_trains_and_samples() -> None:
+    model = make(RVQ).train()
+    tokens, labels = batch(RVQ)
+    out = model.loss(tokens, labels)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.depth_embeddings is not None and model.depth_embeddings.weight.grad is not None
+    assert model(tokens, labels).shape == (3, 12, 16)
+    # the three levels of a position share its RoPE position
+    torch.testing.assert_close(model.rope[1:4], model.rope[1:2].expand(3, -1, -1))
+    samples = model.sample(labels, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 2, 2, 3)
+    assert samples.min() >= 0 and samples.max() < 16
+    model.eval()
+    # the cache path agrees with teacher forcing here too
+    seq = model.flatten(tokens)
+    with torch.no_grad():
+        x = torch.cat([model.cls_embedding(labels)[:, None], model.embed_tokens(seq[:, :-1])], dim=1)
+        caches = model.new_caches()
+        stepped = torch.cat([model.decode(x[:, t:t + 1], start=t, caches=caches) for t in range(12)], dim=1)
+    torch.testing.assert_close(stepped, model(tokens, labels), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec, cfg", [(VQ, 1.0), (VQ, 3.0), (RVQ, 3.0)])
+def test_greedy_sampling_matches_recomputing_every_prefix(spec: TokenSpec, cfg: float) -> None:
+    """The cached sampling loop picks what a cache-free model would, token by token (CFG and depth included)."""
+    model = shared() if spec is VQ else make(spec)
+    labels = torch.tensor([1, 7])
+    null = torch.full_like(labels, NUM_CLASSES)
+    seq = torch.zeros(2, spec.num_tokens, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(spec.num_tokens):
+            tokens = model.unflatten(seq)
+            logits = model(tokens, labels)[:, t]
+            if cfg != 1.0:
+                logits = classifier_free_guidance(logits, model(tokens, null)[:, t], cfg)
+            seq[:, t] = logits.argmax(-1)
+    torch.testing.assert_close(model.sample(labels, cfg=cfg, temperature=0.0), model.unflatten(seq))
