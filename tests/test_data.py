@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from arvision.data import (
     DatasetNotFound,
@@ -28,6 +30,15 @@ SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
     not SYSTEM_FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """These tensors are tiny: intra-op threads only add overhead, and stall badly on busy shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -174,6 +185,9 @@ def test_shapes_deterministic_per_seed_and_index() -> None:
     assert torch.equal(a[7][0], a[7][0])
     assert not torch.equal(a[7][0], c[7][0])
     assert not torch.equal(a[7][0], a[11][0])  # same class (7 % 4 == 11 % 4), different sample
+    # A DataLoader batch (rendered by __getitems__) equals the samples rendered one at a time.
+    images, labels = next(iter(DataLoader(a, batch_size=6)))
+    assert torch.equal(images, torch.stack([a[i][0] for i in range(6)])) and labels.tolist() == [0, 1, 2, 3, 0, 1]
 
 
 @pytest.mark.parametrize(("image_size", "channels"), [(16, 1), (32, 3), (64, 1), (64, 3)])

@@ -155,7 +155,7 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
     labels = balanced_labels(m.num_samples, dm.num_classes)
     images, seconds = sample_images(generator, tokenizer, labels, batch_size=m.batch_size, seed=m.seed,
                                     **sampling)
-    reference.reset_fake()
+    reference.reset(keep_real=True)
     for img, lab in zip(images.split(m.batch_size), labels.split(m.batch_size)):
         reference.update_fake(img, lab)
     gen = reference.compute()

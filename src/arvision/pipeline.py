@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from arvision.data.tokens import (ImageBatches, TokenDataset, cat_tokens, compact, step_loader)
 from arvision.generators.base import Generator
 from arvision.tasks import GeneratorTask, TokenizerTask
+from arvision.tasks.resume import completed_steps
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
@@ -26,22 +28,22 @@ from arvision.utils.instantiate import instantiate
 
 log = logging.getLogger("arvision")
 
+# Lightning notices that do not apply here: the EMA copy is in eval mode on purpose, stage 1 checkpoints after
+# its manual optimisation step on purpose, and one long "epoch" of seeded steps is how resumption stays exact.
+for pattern in (".*module\\(s\\) in eval mode.*", ".*manual optimization and every_n_train_steps.*",
+                ".*resuming from a checkpoint that ended before the epoch ended.*", ".*does not have many workers.*",
+                ".*litlogger.*"):
+    warnings.filterwarnings("ignore", message=pattern)
+
 # Data settings that change only how data is served, not which images a model sees.
 DATA_LOADING_KEYS = {"batch_size", "eval_batch_size", "num_workers", "download", "download_dir"}
 
 
 # --------------------------------------------------------------------------------------------- configuration
 def finalize_config(cfg: DictConfig) -> DictConfig:
-    """Apply `debug=tiny` (each group's `tiny:` block) and the trainer's step scale; drop the helper keys."""
+    """Apply the trainer's step scale to both stages' budgets."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        for group in ("tokenizer", "generator"):
-            node = cfg.get(group)
-            if node is None:
-                continue
-            tiny = node.pop("tiny", None)
-            if cfg.get("tiny") and tiny is not None:
-                cfg[group] = OmegaConf.merge(node, tiny)
         scale = float(cfg.trainer.get("steps_scale", 1.0))
         for group in ("tokenizer", "generator"):
             if cfg.get(group) is not None and scale != 1.0:
@@ -107,8 +109,12 @@ def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | N
     resume = str(ckpt_path) if ckpt_path is not None and Path(ckpt_path).exists() else None
     if resume:
         log.info("resuming from %s", resume)
+        loader.sampler.start_step = completed_steps(resume)
     start = time.perf_counter()
     trainer.fit(task, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+    if trainer.interrupted:  # Lightning swallows Ctrl-C; the run must not carry on as if training had finished
+        raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; rerun into the same run directory "
+                                f"to resume from {trainer.default_root_dir}/last.ckpt")
     return time.perf_counter() - start
 
 

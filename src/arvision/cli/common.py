@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+import arvision.utils.resolvers  # noqa: F401  (registers ${tiny:…} before any config is composed)
+
 
 def config_dir() -> str:
     """The repository's conf/ (editable install), or $ARVISION_CONF."""
@@ -36,12 +38,14 @@ def value(entry) -> float | None:
 
 
 def print_table(title: str, rows: list[dict[str, object]]) -> None:
-    """Print rows (dicts with the same keys) as a rich table."""
+    """Print rows (dicts with the same keys) as a rich table; a single row prints as metric | value."""
     if not rows:
         return
+    if len(rows) == 1:
+        rows = [{"metric": k, "value": v} for k, v in rows[0].items()]
     table = Table(title=title)
     for key in rows[0]:
-        table.add_column(str(key), justify="right" if key != "run" else "left")
+        table.add_column(str(key), justify="left" if key in ("run", "metric") else "right")
     for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     Console().print(table)

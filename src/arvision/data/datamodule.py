@@ -109,7 +109,10 @@ class ImageDataModule(L.LightningDataModule):
         return self._build_imagefolder(split, size)
 
     def _build_imagefolder(self, split: str, size: int | None) -> Dataset:
-        """`<root>/train` and `<root>/val` (or `test`) when present (ImageNet layout); else `<root>` for both."""
+        """`<root>/train` and `<root>/val` (or `test`) when present (ImageNet layout), else `<root>` for both.
+
+        Without a val/test folder the test split is the train images (metrics then compare against those).
+        """
         assert self.root is not None  # checked in __init__
         subs = ["train"] if split == "train" else ["val", "test", "train"]
         folder = next((Path(self.root, sub) for sub in subs if Path(self.root, sub).is_dir()), Path(self.root))
@@ -158,7 +161,7 @@ class ImageDataModule(L.LightningDataModule):
         if not 1 <= n <= len(self.test_set):
             raise ValueError(f"asked for {n} reference images; the test split has {len(self.test_set)}")
         if isinstance(self.test_set, TensorImageDataset):
-            return self.test_set.images_uint8[:n], self.test_set.labels[:n]
+            return self.test_set.images_uint8[:n].clone(), self.test_set.labels[:n].clone()  # callers may edit them
         loader = DataLoader(
             Subset(self.test_set, range(n)), batch_size=self.eval_batch_size, num_workers=self.num_workers
         )

@@ -251,8 +251,8 @@ class ShapesDataset(Dataset):
         v = (self._y - self._centre[index, 1].view(-1, 1, 1)) / radius
         mask = torch.zeros(u.shape, dtype=torch.bool)
         for k in labels.unique().tolist():
-            chosen = labels == k
-            mask[chosen] = _shape_mask(SHAPE_NAMES[k], u[chosen], v[chosen])
+            rows = (labels == k).nonzero().squeeze(1)  # integer rows: boolean-mask indexing is far slower on CPU
+            mask[rows] = _shape_mask(SHAPE_NAMES[k], u[rows], v[rows])
         foreground = 2 * self._intensity[index, None] * self._colours[labels] - 1  # (B, C)
         images = torch.where(mask[:, None], foreground[:, :, None, None], -1.0)
         return list(zip(images.unbind(0), labels.tolist()))

@@ -92,7 +92,9 @@ class StepSampler(Sampler[torch.Tensor]):
 
 def step_loader(dataset: Dataset, *, batch_size: int, num_steps: int, seed: int) -> DataLoader:
     sampler = StepSampler(len(dataset), batch_size=batch_size, num_steps=num_steps, seed=seed)
-    return DataLoader(dataset, sampler=sampler, batch_size=None)
+    # Its own generator: creating an iterator then draws its base seed from there, not from the global RNG
+    # (which a resumed run has just restored and must leave untouched).
+    return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(seed))
 
 
 class ImageBatches(Dataset):

@@ -32,7 +32,7 @@ class Generator(nn.Module):
         raise NotImplementedError
 
     def network_evaluations(self, cfg: float) -> int:
-        """Forward passes of the network per sampled batch (×2 under CFG)."""
+        """Forward passes of the network per sampled batch; under CFG each pass runs 2B rows (see `sampling_cost`)."""
         raise NotImplementedError
 
 

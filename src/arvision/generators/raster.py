@@ -4,7 +4,8 @@ Sequence: [class] t_0 t_1 … t_{N-2}; the output at slot s predicts t_s, so the
 Residual (depth) tokens (B, h, w, D) are flattened position-major, t = ((i·w) + j)·D + d; the D tokens of a
 position share its RoPE position and get a learned depth embedding so the model knows which level comes next.
 Module names follow LlamaGen (`tok_embeddings`, `cls_embedding.embedding_table`, `layers.{i}.attention.wqkv`,
-…, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i checkpoints map onto this class.
+…, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i weights should load by key (strict=False for
+their `freqs_cis`; not yet tried on a released checkpoint).
 """
 
 from __future__ import annotations

@@ -44,9 +44,11 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 
 
 class ClassifierNet(nn.Module):
-    """Small CNN: a stem, three stride-2 stages (width, 2·width, 4·width), global average pool, linear head.
+    """Small CNN: conv-BN-ReLU stages at widths w, 2w, 4w, each entered with a stride-2 conv, then a global
+    average pool (the features, 4w) and a linear head.
 
-    Downsampling early keeps one Fashion-MNIST epoch under a minute on two CPU cores; any input side ≥ 16 works.
+    The stride-2 stem keeps one Fashion-MNIST epoch within a minute on two CPU cores; any input side ≥ 16 works.
+    The constructor arguments are kept as attributes so that the net can be rebuilt from a saved artifact.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, width: int = 32) -> None:
@@ -56,9 +58,7 @@ class ClassifierNet(nn.Module):
         self.width = width
         w = width
         self.body = nn.Sequential(
-            _conv_bn_relu(in_channels, w // 2),
-            _conv_bn_relu(w // 2, w, stride=2),
-            _conv_bn_relu(w, w),
+            _conv_bn_relu(in_channels, w, stride=2),
             _conv_bn_relu(w, 2 * w, stride=2),
             _conv_bn_relu(2 * w, 2 * w),
             _conv_bn_relu(2 * w, 4 * w, stride=2),
@@ -76,14 +76,36 @@ class ClassifierNet(nn.Module):
 
 
 @torch.no_grad()
-def _accuracy(net: nn.Module, loader: DataLoader, device: torch.device) -> float:
+def _accuracy(net: ClassifierNet, loader: DataLoader) -> float:
+    device = next(net.parameters()).device
     net.eval()
     correct = total = 0
     for images, labels in loader:
-        logits = net(images.to(device))
-        correct += int((logits.argmax(1).cpu() == labels).sum())
+        correct += int((net(images.to(device)).argmax(1).cpu() == labels).sum())
         total += len(labels)
     return correct / max(total, 1)
+
+
+def _fit(net: ClassifierNet, loader: DataLoader, *, total_steps: int, lr: float, progress: bool) -> None:
+    device = next(net.parameters()).device
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.15)
+    start = time.perf_counter()
+    net.train()
+    step = 0
+    while step < total_steps:
+        for images, labels in loader:
+            loss = F.cross_entropy(net(images.to(device)), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if progress and (step % max(1, total_steps // 10) == 0 or step == total_steps):
+                elapsed = time.perf_counter() - start
+                log.info("classifier step %d/%d  loss %.3f  %.0fs", step, total_steps, loss.item(), elapsed)
+            if step == total_steps:
+                break
 
 
 def train_classifier(
@@ -102,47 +124,21 @@ def train_classifier(
 ) -> tuple[ClassifierNet, float]:
     """Train a `ClassifierNet` on `(image, label)` pairs; return it in eval mode on `device` and its test accuracy.
 
-    `epochs` may be fractional (a fraction of one pass). AdamW with a one-cycle schedule. The global RNG state is
-    left untouched: initialisation and shuffling draw from forked / local generators seeded by `seed`.
-    `device` defaults to CUDA when available.
+    `epochs` may be fractional (a fraction of one pass). AdamW with a one-cycle schedule. `device` defaults to
+    CUDA when available. Reproducible from `seed` without touching the caller's global RNG state.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > batch_size,  # type: ignore[arg-type]
-        generator=torch.Generator().manual_seed(seed),
-    )
-    total_steps = max(1, math.ceil(epochs * len(loader)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = ClassifierNet(in_channels=in_channels, num_classes=num_classes, width=width).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.15)
-
-    start = time.perf_counter()
-    net.train()
-    step = 0
-    while step < total_steps:
-        for images, labels in loader:
-            loss = F.cross_entropy(net(images.to(dev)), labels.to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if progress and (step % max(1, total_steps // 10) == 0 or step == total_steps):
-                log.info(
-                    "classifier step %d/%d  loss %.3f  %.0fs", step, total_steps, loss.item(), time.perf_counter() - start
-                )
-            if step == total_steps:
-                break
-
-    acc = _accuracy(net, DataLoader(test_set, batch_size=512), dev)
+        # Dropping the ragged last batch avoids a batch of one, which BatchNorm cannot train on.
+        drop_last = len(train_set) > batch_size  # type: ignore[arg-type]
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+        _fit(net, loader, total_steps=max(1, math.ceil(epochs * len(loader))), lr=lr, progress=progress)
+        accuracy = _accuracy(net, DataLoader(test_set, batch_size=512))
     if progress:
-        log.info("classifier test accuracy %.4f after %.0fs", acc, time.perf_counter() - start)
-    return net.eval(), acc
+        log.info("classifier test accuracy %.4f", accuracy)
+    return net.eval(), accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +171,10 @@ class FeatureExtractor(nn.Module):
 
 
 class ClassifierExtractor(FeatureExtractor):
-    """Pooled penultimate features and logits of an arvision `ClassifierNet` (offline; not comparable to papers)."""
+    """Pooled penultimate features and logits of an arvision `ClassifierNet` (offline; not comparable to papers).
+
+    Freezes the wrapped net (requires_grad off) so that it never joins an optimiser's parameters.
+    """
 
     name = "classifier"
 

@@ -39,6 +39,13 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     return values.float()  # type: ignore[union-attr]
 
 
+def _histogram(indices: Tensor, vocab_size: int) -> Tensor:
+    flat = indices.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
+        raise ValueError(f"code indices must lie in [0, {vocab_size}); got [{int(flat.min())}, {int(flat.max())}]")
+    return torch.bincount(flat, minlength=vocab_size)
+
+
 def _usage_perplexity(counts: Tensor) -> tuple[float, float]:
     total = counts.sum()
     if total == 0:
@@ -51,13 +58,6 @@ def _usage_perplexity(counts: Tensor) -> tuple[float, float]:
 def usage_and_perplexity(indices: Tensor, vocab_size: int) -> tuple[float, float]:
     """Fraction of the codebook used at least once in `indices`, and exp(entropy) of its code histogram."""
     return _usage_perplexity(_histogram(indices, vocab_size))
-
-
-def _histogram(indices: Tensor, vocab_size: int) -> Tensor:
-    flat = indices.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
-        raise ValueError(f"code indices must lie in [0, {vocab_size}); got [{int(flat.min())}, {int(flat.max())}]")
-    return torch.bincount(flat, minlength=vocab_size)
 
 
 class CodebookUsage(Metric):

@@ -1,0 +1,165 @@
+"""The whole run end to end on tiny configs: artifacts, outputs, resume, errors, export, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from arvision import pipeline
+from arvision.cli.sample import export
+from arvision.cli.train import train
+from arvision.generators.base import IncompatibleTokenizer
+from arvision.tasks import GeneratorTask, NonFiniteLoss
+from arvision.tokenizers.base import TokenSpec, Tokenizer
+from tests.conftest import REPO, cli_env, compose_train
+
+
+def test_tiny_run_writes_results_with_provenance(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    run = tmp_path / "run"
+    results = train(cfg, run)
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk["metrics"] == json.loads(json.dumps(results["metrics"]))
+    gen, tok = results["metrics"]["generator"], results["metrics"]["tokenizer"]
+    for name in ("fid", "is", "kid", "precision", "recall", "accuracy"):
+        assert gen[name]["extractor"] == "classifier" and gen[name]["num_samples"] == cfg.metrics.num_samples
+        assert np.isfinite(gen[name]["value"])
+    assert 0.0 <= gen["accuracy"]["value"] <= 1.0 and gen["nfe_per_image"] == 64
+    assert gen["sample_img_per_s"]["value"] > 0 and gen["params"] > 0
+    assert 0 < tok["usage"]["value"] <= 1 and tok["psnr"]["value"] > 0
+    assert results["spec"]["grid"] == [8, 8] and results["versions"]["torch"] == torch.__version__.split("+")[0] \
+        or results["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert on_disk["config"]["generator"]["name"] == "raster" and "classifier_test_accuracy" in \
+        on_disk["feature_extractor"]
+    for name in ("samples.png", "reconstructions.png", "samples.npz", "generator.pt"):
+        assert (run / name).exists(), name
+    npz = np.load(run / "samples.npz")
+    assert npz["arr_0"].shape == (cfg.metrics.num_samples, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
+
+
+def test_second_run_reuses_the_tokenizer_artifact(tiny_cfg, tmp_path, monkeypatch):
+    train(tiny_cfg(), tmp_path / "a")
+    artifacts = list((tmp_path / "artifacts" / "tokenizer").iterdir())
+    monkeypatch.setattr(pipeline, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained twice"))
+    cfg = tiny_cfg("generator.model.depth=1")  # a different generator, the same tokenizer
+    results = train(cfg, tmp_path / "b")
+    assert list((tmp_path / "artifacts" / "tokenizer").iterdir()) == artifacts
+    assert Path(results["tokenizer_artifact"]).name in {p.name for p in artifacts}
+
+
+def test_incompatible_pair_fails_before_any_training(tiny_cfg, tmp_path, monkeypatch):
+    class ContinuousStub(Tokenizer):
+        def __init__(self):
+            super().__init__()
+            self.spec = TokenSpec(name="vae", kind="continuous", layout="grid", grid=(8, 8), dim=4)
+
+    monkeypatch.setattr(pipeline, "build_tokenizer", lambda cfg, dm: ContinuousStub())
+    monkeypatch.setattr(pipeline, "train_tokenizer", lambda *a, **k: pytest.fail("trained before checking the pair"))
+    with pytest.raises(IncompatibleTokenizer, match=r"raster needs .*tokenizer=vq.*got tokenizer=vae"):
+        train(tiny_cfg(), tmp_path / "run")
+    assert not (tmp_path / "artifacts" / "tokenizer").exists()
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "generator.pt", weights_only=True)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_cfg, tmp_path, monkeypatch):
+    overrides = ("generator.train.max_steps=8", "checkpoint_every=4", "evaluate=false")
+    train(tiny_cfg(*overrides), tmp_path / "straight")
+
+    original = GeneratorTask.training_step
+
+    def crash_at_step_6(self, batch, batch_idx):
+        if self.global_step == 6:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GeneratorTask, "training_step", crash_at_step_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg(*overrides), tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt").exists()
+    assert not (tmp_path / "resumed" / "generator.pt").exists()
+    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    train(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from step 4
+
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    for part in ("generator", "ema"):
+        for key in a[part]:
+            assert torch.allclose(a[part][key], b[part][key], atol=1e-6), (part, key)
+    # And the resumed run really continued: its weights differ from the step-4 checkpoint.
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    original = GeneratorTask.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if self.global_step == 4:
+            monkeypatch.setattr(self.generator, "loss", lambda *a: {"loss": torch.tensor(float("nan"))})
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GeneratorTask, "training_step", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 4"):
+        train(tiny_cfg("generator.train.max_steps=8", "checkpoint_every=3"), tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_sample_export_is_adm_layout_and_class_balanced(tiny_cfg, tmp_path):
+    train(tiny_cfg("evaluate=false"), tmp_path / "run")
+    cfg = compose_train([], tmp_path)  # only for the structure; the sample config is plain
+    from omegaconf import OmegaConf
+    sample_cfg = OmegaConf.create({"run": str(tmp_path / "run"), "num_samples": 12, "out": str(tmp_path / "s.npz"),
+                                   "batch_size": 5, "seed": 3, "ema": True, "sample": {"cfg": 1.5}})
+    out = export(sample_cfg)
+    npz = np.load(out)
+    assert npz["arr_0"].shape == (12, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
+    assert np.bincount(npz["labels"], minlength=4).tolist() == [3, 3, 3, 3]
+    again = np.load(export(sample_cfg))
+    assert np.array_equal(again["arr_0"], npz["arr_0"])  # seeded
+    del cfg
+
+
+def test_missing_dataset_is_one_line_that_says_how_to_get_it(tmp_path, monkeypatch):
+    import arvision.data.datasets as datasets
+    monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    cfg = compose_train(["debug=tiny", f"data.root={tmp_path / 'empty'}"], tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        pipeline.build_datamodule(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "dataset-fashion-mnist" in message and "data.root" in message \
+        and "data.download=true" in message
+
+
+def test_cli_end_to_end_and_bad_pair_message(tmp_path):
+    env = cli_env(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "arvision.cli.train", "debug=tiny", "data=shapes"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "accuracy" in done.stdout and "FID" in done.stdout
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "results.json").exists()
+    table = subprocess.run([sys.executable, "-m", "arvision.cli.table", str(tmp_path / "outputs")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "| vq | raster |" in table.stdout
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    env = cli_env(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "arvision.cli.train", "debug=tiny", "data=shapes",
+                           "trainer=ddp_sim"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["trainer"]["devices"] == 2 and results["config"]["trainer"]["strategy"] == "ddp_spawn"
+    assert np.isfinite(results["metrics"]["generator"]["accuracy"]["value"])
