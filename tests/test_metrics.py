@@ -31,7 +31,7 @@ from arvision.metrics import (
     train_classifier,
     usage_and_perplexity,
 )
-from arvision.metrics.generation import kernel_inception_distance
+from arvision.metrics.generation import knn_radii
 
 
 class RandomConvExtractor(FeatureExtractor):
@@ -131,26 +131,33 @@ def test_mode_collapse_keeps_precision_and_loses_recall() -> None:
     assert collapsed["recall"] == pytest.approx(5 / 200)
 
 
-def test_frechet_distance_and_kid_match_direct_formulas() -> None:
+def test_fid_and_kid_match_direct_formulas() -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
-    y = 0.8 * torch.randn(30, 6, generator=g, dtype=torch.float64) + 0.3
-    mu_x, mu_y, cov_x, cov_y = x.mean(0), y.mean(0), torch.cov(x.T), torch.cov(y.T)
+    x = torch.randn(30, 6, generator=g)
+    y = 0.8 * torch.randn(30, 6, generator=g) + 0.3
+    # With the KID subset as large as both sets, every subset is the whole set: one deterministic value.
+    result = _scores(x[:, :, None, None], y[:, :, None, None], PassThroughExtractor(6), kid_subset_size=30)
+
+    xd, yd = x.double(), y.double()
+    cov_x, cov_y = torch.cov(xd.T), torch.cov(yd.T)
     sqrt_product = torch.from_numpy(scipy.linalg.sqrtm(cov_x.numpy() @ cov_y.numpy()).real)
-    expected = (mu_x - mu_y).square().sum() + torch.trace(cov_x + cov_y - 2 * sqrt_product)
-    assert frechet_distance(mu_x, cov_x, mu_y, cov_y) == pytest.approx(float(expected), rel=1e-9)
+    fid = (xd.mean(0) - yd.mean(0)).square().sum() + torch.trace(cov_x + cov_y - 2 * sqrt_product)
+    assert result["fid"] == pytest.approx(float(fid), rel=1e-9)
+    assert frechet_distance(xd.mean(0), cov_x, yd.mean(0), cov_y) == pytest.approx(float(fid), rel=1e-9)
 
-    # With the subset as large as both sets, every subset is the whole set: one deterministic value.
-    x, y = x[:30].float(), y.float()
-    kid, _ = kernel_inception_distance(x, y, subset_size=30, subsets=3, generator=torch.Generator())
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        return (a @ b.T / 6 + 1) ** 3
 
-    def k(a: Tensor, b: Tensor) -> Tensor:
-        return (a.double() @ b.double().T / 6 + 1) ** 3
+    off_diagonal = ~torch.eye(30, dtype=torch.bool)
+    kid = kernel(xd, xd)[off_diagonal].mean() + kernel(yd, yd)[off_diagonal].mean() - 2 * kernel(xd, yd).mean()
+    assert result["kid_mean"] == pytest.approx(float(kid), rel=1e-5)
+    assert result["kid_std"] == pytest.approx(0.0, abs=1e-9)
 
-    n = 30
-    off_diagonal = ~torch.eye(n, dtype=torch.bool)
-    expected_kid = k(x, x)[off_diagonal].mean() + k(y, y)[off_diagonal].mean() - 2 * k(x, y).mean()
-    assert kid == pytest.approx(float(expected_kid), rel=1e-5)
+
+def test_knn_radii_are_distances_to_the_kth_other_point() -> None:
+    line = torch.arange(10.0)[:, None]  # points 0, 1, ..., 9 on a line
+    radii = knn_radii(line, 3)
+    assert radii[0] == 3 and radii[5] == 2 and radii[9] == 3
 
 
 def test_kid_is_near_zero_for_identical_sets() -> None:

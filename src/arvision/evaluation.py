@@ -162,7 +162,7 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
     ex, n = reference.extractor.name, m.num_samples
     out = {name: metric(gen[key], extractor=ex, num_samples=n, num_reference=gen["num_real"])
            for name, key in [("fid", "fid"), ("is", "is_mean"), ("kid", "kid_mean"), ("precision", "precision"),
-                             ("recall", "recall"), ("accuracy", "accuracy")]}
+                             ("recall", "recall"), ("accuracy", "accuracy")] if key in gen}
     out["is_std"] = gen["is_std"]
     out["kid_std"] = gen["kid_std"]
     out["sample_img_per_s"] = metric(n / seconds, device=str(next(generator.parameters()).device),

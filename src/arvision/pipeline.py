@@ -90,6 +90,9 @@ def build_generator(cfg: DictConfig, tokenizer: Tokenizer, num_classes: int) -> 
 
 def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: list, callbacks: list,
                  grad_clip: float | None = None) -> L.Trainer:
+    if "spawn" in str(cfg.trainer.strategy):
+        # Spawned ranks receive the model and data by pickling; file-descriptor sharing fails in sandboxes.
+        torch.multiprocessing.set_sharing_strategy("file_system")
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                                      every_n_train_steps=cfg.checkpoint_every)
     return L.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=-1, logger=loggers or False,
@@ -139,7 +142,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
                 "image_size": dm.image_size, "image_channels": dm.channels}, out_dir / "tokenizer.pt")
     return {"kind": "tokenizer", "name": cfg.tokenizer.name, "spec": tokenizer.spec.to_dict(),
             "train_seconds": seconds, "train_steps": train.max_steps,
-            "train_img_per_s": train.max_steps * train.batch_size / max(seconds, 1e-9),
+            "train_img_per_s": train.max_steps * train.batch_size * trainer.world_size / max(seconds, 1e-9),
             "perceptual_loss": task.perceptual_active, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True),
             "data": data_identity(cfg), "seed": cfg.seed}
 
@@ -193,7 +196,7 @@ class Stage2:
     task: GeneratorTask
     seconds: float
     steps: int
-    batch_size: int
+    batch_size: int  # global: per-process batch × world size
 
 
 def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: torch.Tensor, num_classes: int,
@@ -215,7 +218,7 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
     torch.save({"generator": task.generator.state_dict(), "ema": task.ema.module.state_dict(),
                 "config": OmegaConf.to_container(cfg.generator.model, resolve=True), "num_classes": num_classes},
                run_dir / "generator.pt")
-    return Stage2(task=task, seconds=seconds, steps=train.max_steps, batch_size=train.batch_size)
+    return Stage2(task=task, seconds=seconds, steps=train.max_steps, batch_size=train.batch_size * trainer.world_size)
 
 
 def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> Generator:

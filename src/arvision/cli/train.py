@@ -92,7 +92,7 @@ def summary_row(results: dict) -> dict[str, object]:
            "PSNR": value(tok.get("psnr")), "usage": value(tok.get("usage")), "rFID": value(tok.get("rfid"))}
     if gen:
         row.update({"FID": value(gen["fid"]), "IS": value(gen["is"]), "prec": value(gen["precision"]),
-                    "recall": value(gen["recall"]), "accuracy": value(gen["accuracy"]),
+                    "recall": value(gen["recall"]), "accuracy": value(gen.get("accuracy")),
                     "sample img/s": value(gen["sample_img_per_s"]), "NFE": gen["nfe_per_image"]})
     row["train img/s (s1/s2)"] = "{:.0f}/{:.0f}".format(results["costs"].get("stage1_img_per_s", 0),
                                                           results["costs"].get("stage2_img_per_s", 0))

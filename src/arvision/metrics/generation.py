@@ -40,8 +40,8 @@ def _mean_cov(features: Tensor) -> tuple[Tensor, Tensor]:
 def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
     """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr √(Σ1 Σ2), in float64.
 
-    tr √(Σ1 Σ2) is taken from the eigenvalues of the symmetric PSD matrix √Σ1 Σ2 √Σ1 (same spectrum as Σ1 Σ2),
-    which keeps everything real and stable where a general matrix square root can turn complex.
+    tr √(Σ1 Σ2) comes from the eigenvalues of the symmetric PSD matrix √Σ1 Σ2 √Σ1 (same spectrum as Σ1 Σ2),
+    which stays real and stable where a general matrix square root can turn complex.
     """
     mu1, cov1, mu2, cov2 = (t.double() for t in (mu1, cov1, mu2, cov2))
     evals, evecs = torch.linalg.eigh(cov1)
@@ -191,7 +191,7 @@ class GenerationMetrics(Metric):
             real, fake, subset_size=self.kid_subset_size, subsets=self.kid_subsets, generator=generator
         )
         precision = manifold_coverage(fake, real, knn_radii(real, self.pr_k))
-        recall = manifold_coverage(fake, real, knn_radii(real, self.pr_k))
+        recall = manifold_coverage(real, fake, knn_radii(fake, self.pr_k))
         result: dict[str, float | int | str] = {
             "fid": fid,
             "is_mean": is_mean,
