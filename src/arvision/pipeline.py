@@ -93,6 +93,10 @@ def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: li
     if "spawn" in str(cfg.trainer.strategy):
         # Spawned ranks receive the model and data by pickling; file-descriptor sharing fails in sandboxes.
         torch.multiprocessing.set_sharing_strategy("file_system")
+    if not cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false wins over callbacks
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
+    if not loggers:  # nothing to report learning rates to
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                                      every_n_train_steps=cfg.checkpoint_every)
     return L.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=-1, logger=loggers or False,
@@ -134,7 +138,8 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
     loader = step_loader(ImageBatches(dm.train_set), batch_size=train.batch_size, num_steps=train.max_steps,
                          seed=cfg.seed)
     trainer = make_trainer(cfg, max_steps=stage1_trainer_steps(train.max_steps, train.disc_weight, train.disc_start),
-                           ckpt_dir=work_dir, loggers=[], callbacks=instantiate_dict(cfg.get("callbacks")))
+                           ckpt_dir=work_dir, loggers=instantiate_dict(cfg.get("logger")),
+                           callbacks=instantiate_dict(cfg.get("callbacks")))
     log.info("stage 1: training tokenizer=%s for %d steps", cfg.tokenizer.name, train.max_steps)
     seconds = fit(trainer, task, loader, work_dir / "last.ckpt")
     torch.save({"state_dict": tokenizer.state_dict(),

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from arvision import pipeline
 from arvision.cli.common import config_dir, fail, print_table, value
-from arvision.cli.sample import load_run
+from arvision.cli.sample import load_run, sampling_overrides
 from arvision.evaluation import evaluate_generator, get_extractor, reference_metrics
 from arvision.metrics import MissingWeights
 from arvision.utils.artifacts import ArtifactCache
@@ -25,7 +25,7 @@ def reevaluate(cfg: DictConfig) -> dict:
     run_cfg = OmegaConf.create(results["config"])
     run_cfg.metrics = cfg.metrics
     run_cfg.paths.artifact_dir = cfg.paths.artifact_dir
-    run_cfg.generator.sample = OmegaConf.merge(run_cfg.generator.sample, cfg.sample)
+    run_cfg.generator.sample = OmegaConf.merge(run_cfg.generator.sample, sampling_overrides(cfg))
     dm = pipeline.build_datamodule(run_cfg)
     extractor, info = get_extractor(run_cfg, dm, ArtifactCache(cfg.paths.artifact_dir),
                                     pipeline.classifier_key(run_cfg))

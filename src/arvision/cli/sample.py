@@ -22,9 +22,14 @@ def load_run(run: str | Path, *, ema: bool = True):
     return results, tokenizer, generator
 
 
+def sampling_overrides(cfg: DictConfig) -> dict:
+    """The `sample.*` settings given on the command line (null = keep the run's own)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.sample).items() if v is not None}
+
+
 def export(cfg: DictConfig) -> Path:
     results, tokenizer, generator = load_run(cfg.run, ema=cfg.ema)
-    sampling = {**results["config"]["generator"]["sample"], **OmegaConf.to_container(cfg.sample)}
+    sampling = {**results["config"]["generator"]["sample"], **sampling_overrides(cfg)}
     labels = balanced_labels(cfg.num_samples, generator.num_classes)
     images, seconds = sample_images(generator, tokenizer, labels, batch_size=cfg.batch_size, seed=cfg.seed,
                                     **sampling)
