@@ -141,17 +141,30 @@ def test_missing_dataset_is_one_line_that_says_how_to_get_it(tmp_path, monkeypat
         and "data.download=true" in message
 
 
-def test_cli_end_to_end_and_bad_pair_message(tmp_path):
+def test_cli_sweep_shares_the_tokenizer_and_tables_the_runs(tmp_path):
     env = cli_env(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "arvision.cli.train", "debug=tiny", "data=shapes"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "arvision.cli.train", "-m", "debug=tiny", "data=shapes",
+                           "generator.model.depth=1,2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "accuracy" in done.stdout and "FID" in done.stdout
-    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
-    assert len(runs) == 1 and (runs[0] / "results.json").exists()
-    table = subprocess.run([sys.executable, "-m", "arvision.cli.table", str(tmp_path / "outputs")], env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert table.returncode == 0 and "| vq | raster |" in table.stdout
+    assert done.stdout.count("│ accuracy") == 2 and "FID" in done.stdout
+    results = sorted((tmp_path / "outputs" / "train" / "multiruns").rglob("results.json"))
+    assert len(results) == 2
+    artifacts = {json.loads(p.read_text())["tokenizer_artifact"] for p in results}
+    assert len(artifacts) == 1  # trained once, reused by the second job
+    assert len(list((tmp_path / "artifacts" / "tokenizer").glob("*/meta.json"))) == 1
+    table = subprocess.run([sys.executable, "-m", "arvision.cli.table", str(tmp_path / "outputs"), "--format",
+                            "csv"], env=env, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and table.stdout.count("vq,raster") == 2
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "arvision.cli.train", "debug=tiny", "data=imagefolder",
+                           f"data.root={tmp_path / 'missing'}", "data.num_classes=2"], cwd=tmp_path,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    error = [line for line in done.stderr.splitlines() if line.startswith("arvision: error:")]
+    assert len(error) == 1 and "missing" in error[0] and "Traceback" not in done.stderr
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):

@@ -99,7 +99,8 @@ def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: li
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                                      every_n_train_steps=cfg.checkpoint_every)
-    return L.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=-1, logger=loggers or False,
+    # One "epoch" is the step sampler's whole schedule of seeded batches.
+    return L.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=1, logger=loggers or False,
                      callbacks=[checkpoint, *callbacks], limit_val_batches=0, num_sanity_val_steps=0,
                      use_distributed_sampler=False, enable_model_summary=False, default_root_dir=str(ckpt_dir),
                      gradient_clip_val=grad_clip)

@@ -42,7 +42,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 class ArtifactCache:
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: results.json records artifact paths
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
