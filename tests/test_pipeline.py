@@ -176,3 +176,24 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["config"]["trainer"]["devices"] == 2 and results["config"]["trainer"]["strategy"] == "ddp_spawn"
     assert np.isfinite(results["metrics"]["generator"]["accuracy"]["value"])
+
+
+def test_continuous_tokenizer_artifact_stores_a_calibrated_scaling_factor(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("tokenizer=vae", "train_generator=false", "evaluate=false")
+    results = train(cfg, tmp_path / "run")
+    artifact = Path(results["tokenizer_artifact"])
+    meta = json.loads((artifact / "meta.json").read_text())
+    tokenizer = pipeline.load_tokenizer(artifact)
+    assert meta["scaling_factor"] > 0 and float(tokenizer.scaling_factor) == pytest.approx(meta["scaling_factor"])
+    dm = pipeline.build_datamodule(cfg)
+    images = torch.stack([dm.train_set[i][0] for i in range(64)])
+    assert tokenizer.encode(images).std().item() == pytest.approx(1.0, abs=0.25)
+
+
+@pytest.mark.parametrize("tokenizer", ["msvq", "vae"])
+def test_every_tokenizer_trains_and_is_evaluated_through_stage_1(tokenizer, tiny_cfg, tmp_path):
+    results = train(tiny_cfg(f"tokenizer={tokenizer}", "train_generator=false"), tmp_path / "run")
+    tok = results["metrics"]["tokenizer"]
+    assert np.isfinite(tok["psnr"]["value"]) and np.isfinite(tok["rfid"]["value"])
+    assert ("usage" in tok) == (results["spec"]["kind"] == "discrete")
+    assert (tmp_path / "run" / "reconstructions.png").exists()

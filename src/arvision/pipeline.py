@@ -35,6 +35,9 @@ for pattern in (".*module\\(s\\) in eval mode.*", ".*manual optimization and eve
                 ".*litlogger.*"):
     warnings.filterwarnings("ignore", message=pattern)
 
+# Continuous tokenizers measure their latent scaling factor on this many training images after stage 1.
+SCALING_CALIBRATION_IMAGES = 1024
+
 # Data settings that change only how data is served, not which images a model sees.
 DATA_LOADING_KEYS = {"batch_size", "eval_batch_size", "num_workers", "download", "download_dir"}
 
@@ -143,6 +146,14 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
                            callbacks=instantiate_dict(cfg.get("callbacks")))
     log.info("stage 1: training tokenizer=%s for %d steps", cfg.tokenizer.name, train.max_steps)
     seconds = fit(trainer, task, loader, work_dir / "last.ckpt")
+    calibration: dict[str, float] = {}
+    if hasattr(tokenizer, "calibrate_scaling"):
+        # Continuous tokenizers: unit-variance latents for stage 2 (LDM), measured once on training images.
+        n = min(len(dm.train_set), SCALING_CALIBRATION_IMAGES)
+        images = torch.utils.data.DataLoader(torch.utils.data.Subset(dm.train_set, range(n)),
+                                             batch_size=cfg.data.eval_batch_size, shuffle=False)
+        calibration["scaling_factor"] = tokenizer.calibrate_scaling(images)
+        log.info("stage 1: scaling factor %.4f from %d training images", calibration["scaling_factor"], n)
     torch.save({"state_dict": tokenizer.state_dict(),
                 "config": OmegaConf.to_container(cfg.tokenizer.model, resolve=True),
                 "image_size": dm.image_size, "image_channels": dm.channels}, out_dir / "tokenizer.pt")
@@ -150,7 +161,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
             "train_seconds": seconds, "train_steps": train.max_steps,
             "train_img_per_s": train.max_steps * train.batch_size * trainer.world_size / max(seconds, 1e-9),
             "perceptual_loss": task.perceptual_active, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True),
-            "data": data_identity(cfg), "seed": cfg.seed}
+            "data": data_identity(cfg), "seed": cfg.seed, **calibration}
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ def config_dir() -> str:
 
 def fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit, instead of a traceback for user errors."""
-    logging.getLogger("arvision").error(message)
     print(f"arvision: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

@@ -84,7 +84,7 @@ class TokenizerTask(ResumableTask):
 
         out = self.tokenizer(images)
         loss = out["loss"]
-        logs = {k: v.detach() for k, v in out.items() if v.dim() == 0 and k != "loss"}
+        logs = {k: v.detach() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0 and k != "loss"}
         lpips = self._lpips[0]
         if lpips is not None:
             lpips.to(images.device)
