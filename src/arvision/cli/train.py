@@ -23,6 +23,7 @@ from arvision.evaluation import evaluate_generator, evaluate_tokenizer, get_extr
 from arvision.generators.base import IncompatibleTokenizer
 from arvision.metrics import MissingWeights
 from arvision.tasks import NonFiniteLoss
+from arvision.tokenizers.base import MissingExtra
 from arvision.utils.artifacts import ArtifactCache
 from arvision.utils.results import RESULTS_FILE, git_sha, now, versions, write_json_atomic
 
@@ -104,7 +105,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = train(cfg, run_dir)
-    except (DatasetNotFound, IncompatibleTokenizer, MissingWeights, NonFiniteLoss) as err:
+    except (DatasetNotFound, IncompatibleTokenizer, MissingExtra, MissingWeights, NonFiniteLoss) as err:
         fail(str(err))
     if pipeline.world_rank() == 0:
         print_table(f"arvision — {run_dir}", [summary_row(results)])

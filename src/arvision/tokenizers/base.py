@@ -22,6 +22,10 @@ TokenKind = Literal["discrete", "continuous"]
 TokenLayout = Literal["grid", "depth", "scales"]
 
 
+class MissingExtra(ImportError):
+    """An optional dependency (an extra such as arvision[vqp]) is not installed; the message says how to get it."""
+
+
 @dataclass(frozen=True)
 class TokenSpec:
     """What a generator may rely on about a tokenizer's tokens."""
