@@ -92,3 +92,11 @@ def test_instantiate_refuses_targets_outside_the_allow_list():
     with pytest.raises(ValueError, match="refusing to instantiate"):
         instantiate({"_target_": "os.system", "command": "true"})
     assert hydra_instantiate(OmegaConf.create({"_target_": "builtins.dict"})) == {}  # hydra itself would allow it
+
+
+def test_gpu_trainer_on_a_machine_without_cuda_fails_before_training(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(pipeline.ConfigError, match="trainer=gpu needs a CUDA GPU"):
+        pipeline.check_machine(compose_train(["trainer=gpu"], tmp_path))
+    pipeline.check_machine(compose_train(["trainer=cpu"], tmp_path))  # fine

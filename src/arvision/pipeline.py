@@ -54,6 +54,16 @@ def finalize_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+class ConfigError(ValueError):
+    """A request that cannot run on this machine or with these settings; raised before any training."""
+
+
+def check_machine(cfg: DictConfig) -> None:
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer={cfg.trainer.accelerator} needs a CUDA GPU and none is visible; "
+                          f"use trainer=cpu (or trainer=ddp_sim for 2 CPU processes)")
+
+
 def data_identity(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return {k: v for k, v in data.items() if k not in DATA_LOADING_KEYS}

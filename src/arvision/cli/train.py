@@ -47,6 +47,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     cache = ArtifactCache(cfg.paths.artifact_dir)
 
     # Everything that can be wrong with the request fails here, before any training.
+    pipeline.check_machine(cfg)
     dm = pipeline.build_datamodule(cfg)
     probe = pipeline.build_tokenizer(cfg, dm)
     if cfg.train_generator:
@@ -105,7 +106,8 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = train(cfg, run_dir)
-    except (DatasetNotFound, IncompatibleTokenizer, MissingExtra, MissingWeights, NonFiniteLoss) as err:
+    except (pipeline.ConfigError, DatasetNotFound, IncompatibleTokenizer, MissingExtra, MissingWeights,
+            NonFiniteLoss) as err:
         fail(str(err))
     if pipeline.world_rank() == 0:
         print_table(f"arvision — {run_dir}", [summary_row(results)])
