@@ -190,10 +190,17 @@ def test_continuous_tokenizer_artifact_stores_a_calibrated_scaling_factor(tiny_c
     assert tokenizer.encode(images).std().item() == pytest.approx(1.0, abs=0.25)
 
 
-@pytest.mark.parametrize("tokenizer", ["msvq", "vae"])
+@pytest.mark.parametrize("tokenizer", ["rvq", "msvq", "vae", "lfq"])
 def test_every_tokenizer_trains_and_is_evaluated_through_stage_1(tokenizer, tiny_cfg, tmp_path):
     results = train(tiny_cfg(f"tokenizer={tokenizer}", "train_generator=false"), tmp_path / "run")
     tok = results["metrics"]["tokenizer"]
     assert np.isfinite(tok["psnr"]["value"]) and np.isfinite(tok["rfid"]["value"])
     assert ("usage" in tok) == (results["spec"]["kind"] == "discrete")
     assert (tmp_path / "run" / "reconstructions.png").exists()
+
+
+def test_rvq_tokens_train_the_raster_generator_with_depth_flattened(tiny_cfg, tmp_path):
+    results = train(tiny_cfg("tokenizer=rvq", "tokenizer.model.depth=2"), tmp_path / "run")
+    assert results["spec"]["layout"] == "depth" and results["spec"]["depth"] == 2
+    assert results["metrics"]["generator"]["nfe_per_image"] == 8 * 8 * 2
+    assert np.load(tmp_path / "run" / "samples.npz")["arr_0"].shape[1:] == (32, 32, 1)
