@@ -196,6 +196,9 @@ def test_every_tokenizer_trains_and_is_evaluated_through_stage_1(tokenizer, tiny
     tok = results["metrics"]["tokenizer"]
     assert np.isfinite(tok["psnr"]["value"]) and np.isfinite(tok["rfid"]["value"])
     assert ("usage" in tok) == (results["spec"]["kind"] == "discrete")
+    parts = {"rvq": results["spec"]["depth"], "msvq": len(results["spec"]["scales"])}.get(tokenizer, 0)
+    per_part = [k for k in tok if k.startswith("usage_")]
+    assert len(per_part) == parts and all(0 < tok[k]["value"] <= 1 for k in per_part)
     assert (tmp_path / "run" / "reconstructions.png").exists()
 
 

@@ -72,7 +72,11 @@ def evaluate_tokenizer(tokenizer: Tokenizer, dm, extractor: FeatureExtractor, cf
     images, _ = dm.reference_images(n)
     images = images.float() / 127.5 - 1.0
     metrics = GenerationMetrics(extractor=extractor, num_classes=None)
-    usage = CodebookUsage(tokenizer.spec.vocab_size) if tokenizer.spec.kind == "discrete" else None
+    spec = tokenizer.spec
+    usage = CodebookUsage(spec.vocab_size) if spec.kind == "discrete" else None
+    # Per depth (RVQ) or per scale (multi-scale): usage of one codebook position can hide dead codes at another.
+    parts = spec.depth if spec.layout == "depth" else len(spec.scales) if spec.layout == "scales" else 0
+    part_usage = [CodebookUsage(spec.vocab_size) for _ in range(parts)]
     psnrs, ssims, encode_s, decode_s = [], [], 0.0, 0.0
     tokenizer.encode(images[:8])  # warm-up, excluded from the timings
     for chunk in images.split(cfg.metrics.batch_size):
@@ -84,6 +88,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, dm, extractor: FeatureExtractor, cf
         decode_s += time.perf_counter() - start
         if usage is not None:
             usage.update(tokens if torch.is_tensor(tokens) else torch.cat([t.flatten() for t in tokens]))
+            for k, part in enumerate(part_usage):
+                part.update(tokens[..., k] if spec.layout == "depth" else tokens[k])
         psnrs.append(psnr(recon, chunk))
         ssims.append(ssim(recon, chunk))
         metrics.update_real(chunk)
@@ -101,6 +107,10 @@ def evaluate_tokenizer(tokenizer: Tokenizer, dm, extractor: FeatureExtractor, cf
     if usage is not None:
         out["usage"] = metric(usage.usage(), num_samples=n, scope="eval set")
         out["perplexity"] = metric(usage.perplexity(), num_samples=n, scope="eval set")
+        unit = "depth" if spec.layout == "depth" else "scale"
+        for k, part in enumerate(part_usage):
+            out[f"usage_{unit}{k}"] = metric(part.usage(), num_samples=n, scope="eval set")
+            out[f"perplexity_{unit}{k}"] = metric(part.perplexity(), num_samples=n, scope="eval set")
     if out_dir is not None:
         k = min(32, n)
         save_image(torch.cat([images[:k], tokenizer.decode(tokenizer.encode(images[:k]))]) * 0.5 + 0.5,
