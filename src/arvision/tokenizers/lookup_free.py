@@ -15,7 +15,7 @@ from torch import nn
 
 from arvision.tokenizers.base import MissingExtra, TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder
+from arvision.tokenizers.nets import Decoder, Encoder, latent_side
 from arvision.tokenizers.quantize import usage_and_perplexity
 
 VQP_VERSION = "1.32.0"
@@ -54,7 +54,7 @@ class LookupFreeTokenizer(Tokenizer):
         super().__init__()
         vqp = _library()
         ch_mult = tuple(ch_mult)
-        side = image_size // 2 ** (len(ch_mult) - 1)
+        side = latent_side(image_size, ch_mult)
         if method == "fsq":
             code_dim, vocab_size = len(levels), math.prod(levels)
             self.quantize = vqp.FSQ(levels=list(levels), dim=code_dim, channel_first=True)

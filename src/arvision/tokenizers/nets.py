@@ -156,3 +156,12 @@ class Decoder(nn.Module):
     @property
     def last_layer(self) -> torch.Tensor:
         return self.conv_out.weight
+
+
+def latent_side(image_size: int, ch_mult: tuple[int, ...]) -> int:
+    """Side of the latent grid: one 2× downsampling per level after the first."""
+    factor = 2 ** (len(ch_mult) - 1)
+    if image_size % factor:
+        raise ValueError(f"image_size {image_size} is not divisible by 2^{len(ch_mult) - 1} (len(ch_mult) − 1)")
+    return image_size // factor
+

@@ -23,7 +23,7 @@ from torch import nn
 
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder
+from arvision.tokenizers.nets import Decoder, Encoder, latent_side
 
 
 def kl_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -76,9 +76,7 @@ class KLVAETokenizer(Tokenizer):
     ) -> None:
         super().__init__()
         ch_mult = tuple(ch_mult)
-        side = image_size // 2 ** (len(ch_mult) - 1)
-        if side * 2 ** (len(ch_mult) - 1) != image_size:
-            raise ValueError(f"image_size {image_size} is not divisible by 2^{len(ch_mult) - 1} (len(ch_mult) − 1)")
+        side = latent_side(image_size, ch_mult)
         low, high = (float(v) for v in logvar_clamp)
         if not low < high:
             raise ValueError(f"logvar_clamp must be (low, high) with low < high, got {tuple(logvar_clamp)}")

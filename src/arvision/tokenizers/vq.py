@@ -10,7 +10,7 @@ from torch import nn
 
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder
+from arvision.tokenizers.nets import Decoder, Encoder, latent_side
 from arvision.tokenizers.quantize import VectorQuantizer
 
 
@@ -37,9 +37,7 @@ class VQTokenizer(Tokenizer):
     ) -> None:
         super().__init__()
         ch_mult = tuple(ch_mult)
-        side = image_size // 2 ** (len(ch_mult) - 1)
-        if side * 2 ** (len(ch_mult) - 1) != image_size:
-            raise ValueError(f"image_size {image_size} is not divisible by 2^{len(ch_mult) - 1} (len(ch_mult) − 1)")
+        side = latent_side(image_size, ch_mult)
         net = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
                    attn_last_level=attn_last_level, mid_attn=mid_attn, dropout=dropout)
         self.encoder = Encoder(in_channels=image_channels, **net)
