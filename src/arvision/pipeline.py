@@ -98,7 +98,8 @@ def build_tokenizer(cfg: DictConfig, dm) -> Tokenizer:
 
 def build_generator(cfg: DictConfig, tokenizer: Tokenizer, num_classes: int) -> Generator:
     """Raises `IncompatibleTokenizer` for unsupported pairs (cheap: call it before training anything)."""
-    return instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=num_classes)
+    generator = instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=num_classes)
+    return generator.attach_tokenizer(tokenizer)
 
 
 def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: list, callbacks: list,
@@ -251,6 +252,7 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
 def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> Generator:
     blob = torch.load(Path(run_dir) / "generator.pt", map_location="cpu", weights_only=True)
     generator = instantiate(blob["config"])(spec=tokenizer.spec, num_classes=blob["num_classes"])
+    generator.attach_tokenizer(tokenizer)
     generator.load_state_dict(blob["ema" if ema else "generator"])
     return generator.eval()
 
