@@ -1,7 +1,8 @@
 """Multi-head self-attention on `F.scaled_dot_product_attention` with grouped KV heads and a KV cache.
 
 Masks are boolean, True = may attend, over all keys the layer sees (cached ones first, then the new chunk),
-broadcastable to (B, heads, q_len, k_len). `is_causal=True` means causal in absolute positions: without a
+broadcastable to (B, heads, q_len, k_len), or a FlexAttention `BlockMask` (see `nn/masks.py`) for structured
+masks that should keep a fused kernel on GPU. `is_causal=True` means causal in absolute positions: without a
 cache it is SDPA's own flag (flash kernels stay on); with a cache the new chunk sits at the end of the keys, so
 a lower-right mask is built (none at all for a single query, which may see every key).
 """
@@ -13,7 +14,21 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from arvision.nn.masks import flex_attention, is_block_mask
 from arvision.nn.rope import apply_rope
+
+_compiled_flex = None
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, *, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention with a BlockMask: compiled on CUDA (a fused kernel), eager elsewhere (the unfused reference)."""
+    global _compiled_flex
+    fn = flex_attention
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def causal_mask(q_len: int, k_len: int, *, device: torch.device | None = None) -> torch.Tensor:
@@ -80,6 +95,9 @@ class Attention(nn.Module):
             if is_causal and past:  # SDPA's is_causal aligns top-left, wrong once keys precede the chunk
                 is_causal = False
                 attn_mask = causal_mask(q.shape[2], k.shape[2], device=x.device) if q.shape[2] > 1 else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             enable_gqa=self.kv_heads != self.heads)
+        if is_block_mask(attn_mask):
+            out = flex(q, k, v, attn_mask, enable_gqa=self.kv_heads != self.heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 enable_gqa=self.kv_heads != self.heads)
         return self.resid_dropout(self.wo(rearrange(out, "b h l d -> b l (h d)")))
