@@ -315,3 +315,19 @@ def test_training_reduces_reconstruction_error():
         out["loss"].backward()
         opt.step()
     assert out["recon_loss"].item() < 0.7 * first
+
+
+def test_restart_unused_reseeds_the_shared_codebook_from_what_the_scales_quantised():
+    torch.manual_seed(0)
+    quantizer = MultiScaleQuantizer(vocab_size=64, dim=4, scales=(1, 2, 4), restart_unused=True).train()
+    with torch.no_grad():
+        quantizer.embedding.weight[:] = 100.0  # all codes far away but code 0 (zero: residuals stay f), so 63 die
+        quantizer.embedding.weight[0] = 0.0
+    f = torch.randn(3, 4, 4, 4)
+    _, indices, _ = quantizer(f)
+    used = torch.cat([i.flatten() for i in indices]).unique()
+    dead = torch.ones(64, dtype=torch.bool)
+    dead[used] = False
+    assert dead.sum() == 63
+    moved = quantizer.embedding.weight[dead]
+    assert moved.abs().max() < 50  # every dead code now sits among the (unit-scale) residuals

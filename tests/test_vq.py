@@ -116,3 +116,37 @@ def test_training_reduces_reconstruction_error():
         out["loss"].backward()
         opt.step()
     assert out["recon_loss"].item() < 0.7 * first
+
+
+def test_restart_unused_moves_dead_codes_onto_batch_latents_and_keeps_gradients_exact():
+    from arvision.tokenizers.quantize import VectorQuantizer
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(vocab_size=16, dim=4, l2_norm=True, restart_unused=True).train()
+    with torch.no_grad():  # every code but the first points away from all the data: 15 dead codes
+        quantizer.embedding.weight[:] = -1.0
+        quantizer.embedding.weight[0] = 1.0
+    z = (torch.rand(2, 4, 6, 6) + 0.1).requires_grad_()
+    reference = VectorQuantizer(vocab_size=16, dim=4, l2_norm=True, restart_unused=False).train()
+    reference.load_state_dict(quantizer.state_dict())
+    z_ref = z.detach().clone().requires_grad_()
+
+    z_q, indices, terms = quantizer(z)
+    assert set(indices.unique().tolist()) == {0}
+    latents = torch.nn.functional.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
+    restarted = quantizer.codebook()[1:].detach()
+    # each restarted code is one of this batch's latents (up to the tiny jitter used only when codes outnumber them)
+    assert torch.cdist(restarted, latents).min(dim=1).values.max() < 1e-3
+    assert torch.equal(quantizer.embedding.weight[0], torch.ones(4))  # the live code is untouched
+
+    # the step's gradients are those of the step without restarts
+    loss = z_q.square().sum() + terms["codebook_loss"] + terms["commit_loss"]
+    loss.backward()
+    z_q_ref, _, terms_ref = reference(z_ref)
+    (z_q_ref.square().sum() + terms_ref["codebook_loss"] + terms_ref["commit_loss"]).backward()
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    torch.testing.assert_close(quantizer.embedding.weight.grad, reference.embedding.weight.grad)
+
+    quantizer.eval()  # no restarts outside training
+    before = quantizer.embedding.weight.clone()
+    quantizer(torch.randn(1, 4, 2, 2))
+    assert torch.equal(before, quantizer.embedding.weight)

@@ -30,7 +30,7 @@ from torch import nn
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
 from arvision.tokenizers.nets import Decoder, Encoder, latent_side
-from arvision.tokenizers.quantize import nearest_code, usage_and_perplexity
+from arvision.tokenizers.quantize import nearest_code, restart_dead_codes, usage_and_perplexity
 
 # VAR's 256-pixel schedule (16×16 latent): K = 10 scales, 680 tokens.
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -88,8 +88,10 @@ class MultiScaleQuantizer(nn.Module):
     """The K-scale residual quantiser over a (B, dim, side, side) feature, with the generator-side helpers."""
 
     def __init__(self, *, vocab_size: int, dim: int, scales: Sequence[int], beta: float = 0.25,
-                 phi_kernel: int = 3, phi_ratio: float = 0.5, phi_count: int = 4, l2_norm: bool = False) -> None:
+                 phi_kernel: int = 3, phi_ratio: float = 0.5, phi_count: int = 4, l2_norm: bool = False,
+                 restart_unused: bool = False) -> None:
         super().__init__()
+        self.restart_unused = restart_unused
         if not scales:
             raise ValueError("scales must not be empty")
         self.scales = check_scales(scales, scales[-1])
@@ -149,10 +151,13 @@ class MultiScaleQuantizer(nn.Module):
             residual = target.clone()
             f_hat = torch.zeros_like(target)
             indices: list[torch.Tensor] = []
+            chosen: list[torch.Tensor] = []  # what each scale quantised: restart candidates for dead codes
             codebook_loss = commit_loss = f.new_zeros(())
             stats: dict[str, torch.Tensor] = {}
             for k, n in enumerate(self.scales):
-                idx = self.nearest(residual if n == self.side else F.interpolate(residual, size=(n, n), mode="area"))
+                rest = residual if n == self.side else F.interpolate(residual, size=(n, n), mode="area")
+                idx = self.nearest(rest)
+                chosen.append(rearrange(rest, "b c h w -> (b h w) c"))
                 h = self.contribution(k, idx)
                 f_hat = f_hat + h
                 residual = residual - h.detach()  # the residual only chooses codes; no gradient flows through it
@@ -163,6 +168,9 @@ class MultiScaleQuantizer(nn.Module):
                 commit_loss = commit_loss + self.beta * F.mse_loss(f_hat.detach(), f)
                 stats[f"usage_s{k}"], stats[f"perplexity_s{k}"] = usage_and_perplexity(idx, self.vocab_size)
             f_hat_st = f + (f_hat - f).detach()  # straight-through: the decoder's gradient goes to the encoder
+            if self.training and self.restart_unused:  # one shared codebook: a code is dead if no scale chose it
+                restart_dead_codes(self.embedding.weight, torch.cat(chosen),
+                                   torch.cat([i.flatten() for i in indices]))
         stats["usage"] = torch.stack([stats[f"usage_s{k}"] for k in range(self.num_scales)]).mean()
         stats["perplexity"] = torch.stack([stats[f"perplexity_s{k}"] for k in range(self.num_scales)]).mean()
         losses = {"codebook_loss": codebook_loss / self.num_scales, "commit_loss": commit_loss / self.num_scales}
@@ -217,7 +225,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, dim={self.dim}, scales={self.scales}, beta={self.beta}, "
-                f"l2_norm={self.l2_norm}, phi_of_scale={self.phi_of_scale}")
+                f"l2_norm={self.l2_norm}, restart_unused={self.restart_unused}, phi_of_scale={self.phi_of_scale}")
 
 
 class MultiScaleVQTokenizer(Tokenizer):
@@ -241,6 +249,7 @@ class MultiScaleVQTokenizer(Tokenizer):
         phi_ratio: float = 0.5,
         phi_count: int = 4,
         l2_norm: bool = False,
+        restart_unused: bool = False,
         recon_loss: str = "l2",
         name: str = "msvq",
     ) -> None:
@@ -254,7 +263,7 @@ class MultiScaleVQTokenizer(Tokenizer):
         self.quant_conv = nn.Conv2d(z_channels, code_dim, 3, padding=1)  # 3×3, as VAR (LlamaGen's VQ uses 1×1)
         self.quantize = MultiScaleQuantizer(vocab_size=vocab_size, dim=code_dim, scales=scales, beta=beta,
                                             phi_kernel=phi_kernel, phi_ratio=phi_ratio, phi_count=phi_count,
-                                            l2_norm=l2_norm)
+                                            l2_norm=l2_norm, restart_unused=restart_unused)
         self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 3, padding=1)
         self.decoder = Decoder(out_channels=image_channels, **net)
         self.recon_loss = recon_loss

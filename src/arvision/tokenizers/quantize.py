@@ -7,7 +7,10 @@ gradients `z + sg(e − z)`. Residual and multi-scale quantisers reuse `nearest_
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
@@ -28,11 +31,48 @@ def usage_and_perplexity(indices: torch.Tensor, vocab_size: int) -> tuple[torch.
     return (counts > 0).float().mean(), entropy.exp()
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def random_rows(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """k random rows of `vectors` (N, d), identical on every rank (rank 0's draw)."""
+    n, d = vectors.shape
+    if n < k:
+        # Fewer vectors than codes: tile them, with a little noise so that copies do not coincide.
+        vectors = vectors.repeat(math.ceil(k / n), 1)
+        vectors = vectors + torch.randn_like(vectors) * (0.01 / math.sqrt(d))
+    rows = vectors[torch.randperm(vectors.shape[0], device=vectors.device)[:k]].contiguous()
+    if distributed():
+        dist.broadcast(rows, 0)
+    return rows
+
+
+@torch.no_grad()
+def restart_dead_codes(weight: torch.Tensor, vectors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Re-seed every code that no vector of this batch chose with a random vector of the batch (in place).
+
+    For gradient-learned codebooks: a dead code got no gradient this step, and quantisation saves only indices
+    (or, for the cosine lookup, a row-wise normalisation whose unused rows get zero gradient), so overwriting its
+    row after the forward leaves this step's backward exact. Counts are summed over ranks (no host sync).
+    Returns the dead-code mask.
+    """
+    counts = torch.bincount(indices.flatten(), minlength=weight.shape[0])
+    if distributed():
+        dist.all_reduce(counts)
+    dead = counts == 0
+    weight.data.copy_(torch.where(dead[:, None], random_rows(vectors.detach().to(weight.dtype), weight.shape[0]),
+                                  weight.data))
+    return dead
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, *, vocab_size: int, dim: int, beta: float = 0.25, l2_norm: bool = True,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 0.01) -> None:
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.01,
+                 restart_unused: bool = False) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.restart_unused = restart_unused
         self.dim = dim
         self.beta = beta
         self.l2_norm = l2_norm
@@ -62,6 +102,8 @@ class VectorQuantizer(nn.Module):
         }
         if self.entropy_weight > 0:
             losses["entropy_loss"] = self.entropy_weight * self.entropy_loss(z, codebook)
+        if self.training and self.restart_unused:
+            restart_dead_codes(self.embedding.weight, z, indices)  # dead codes jump onto this batch's latents
         z_q = z + (z_q - z).detach()  # straight-through estimator
         usage, perplexity = usage_and_perplexity(indices, self.vocab_size)
         stats = {"usage": usage, "perplexity": perplexity}
@@ -82,7 +124,8 @@ class VectorQuantizer(nn.Module):
         return rearrange(self.codebook()[indices], "b h w c -> b c h w")
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.vocab_size}, dim={self.dim}, beta={self.beta}, l2_norm={self.l2_norm}"
+        return (f"vocab_size={self.vocab_size}, dim={self.dim}, beta={self.beta}, l2_norm={self.l2_norm}, "
+                f"restart_unused={self.restart_unused}")
 
 
-__all__ = ["VectorQuantizer", "nearest_code", "usage_and_perplexity"]
+__all__ = ["VectorQuantizer", "nearest_code", "random_rows", "restart_dead_codes", "usage_and_perplexity"]

@@ -18,7 +18,6 @@ codebook gets one EMA update per step from the assignments of all depths pooled.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -29,11 +28,8 @@ from torch import nn
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
 from arvision.tokenizers.nets import Decoder, Encoder, latent_side
-from arvision.tokenizers.quantize import nearest_code, usage_and_perplexity
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from arvision.tokenizers.quantize import (distributed, nearest_code, random_rows, restart_dead_codes,
+                                         usage_and_perplexity)
 
 
 class ResidualQuantizer(nn.Module):
@@ -154,11 +150,11 @@ class ResidualQuantizer(nn.Module):
             depths = range(self.depth) if self.shared_codebook else [c]
             vectors = torch.cat([residuals[d] for d in depths])
             idx = torch.cat([indices[d] for d in depths])
-            counts = torch.bincount(idx, minlength=self.vocab_size).to(vectors.dtype)
             weight = self.book(c).weight
             if self.ema:
+                counts = torch.bincount(idx, minlength=self.vocab_size).to(vectors.dtype)
                 sums = torch.zeros_like(weight).index_add_(0, idx, vectors)
-                if _distributed():
+                if distributed():
                     dist.all_reduce(counts)
                     dist.all_reduce(sums)
                 size = self.ema_cluster_size[c]
@@ -167,33 +163,16 @@ class ResidualQuantizer(nn.Module):
                 if self.restart_unused:
                     # RQ-VAE's rule: a code hit less than once per batch on average becomes a random residual.
                     dead = size < 1.0
-                    embed_sum = torch.where(dead[:, None], self.random_rows(vectors), embed_sum)
+                    embed_sum = torch.where(dead[:, None], random_rows(vectors, self.vocab_size), embed_sum)
                     size.copy_(torch.where(dead, torch.ones_like(size), size))
                 weight.copy_(embed_sum / self.smoothed(size)[:, None])
             else:
-                if _distributed():
-                    dist.all_reduce(counts)
-                # A dead code got no gradient this step and no saved tensor holds the weight itself (indexing
-                # keeps only the indices), so replacing its row in place leaves this step's backward exact.
-                dead = counts == 0
-                weight.copy_(torch.where(dead[:, None], self.random_rows(vectors), weight))
+                restart_dead_codes(weight, vectors, idx)
 
     def smoothed(self, size: torch.Tensor) -> torch.Tensor:
         """Laplace-smoothed cluster sizes: no code divides by ~0, and the total count is kept."""
         total = size.sum()
         return (size + self.eps) / (total + self.vocab_size * self.eps) * total
-
-    def random_rows(self, vectors: torch.Tensor) -> torch.Tensor:
-        """vocab_size random rows of `vectors`, identical on every rank (rank 0's draw)."""
-        n, k = vectors.shape[0], self.vocab_size
-        if n < k:
-            # Fewer vectors than codes: tile them, with a little noise so that copies do not coincide.
-            vectors = vectors.repeat(math.ceil(k / n), 1)
-            vectors = vectors + torch.randn_like(vectors) * (0.01 / math.sqrt(self.dim))
-        rows = vectors[torch.randperm(vectors.shape[0], device=vectors.device)[:k]].contiguous()
-        if _distributed():
-            dist.broadcast(rows, 0)
-        return rows
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, dim={self.dim}, depth={self.depth}, "

@@ -32,6 +32,7 @@ class VQTokenizer(Tokenizer):
         beta: float = 0.25,
         l2_norm: bool = True,
         entropy_weight: float = 0.0,
+        restart_unused: bool = False,
         recon_loss: str = "l2",
         name: str = "vq",
     ) -> None:
@@ -43,7 +44,7 @@ class VQTokenizer(Tokenizer):
         self.encoder = Encoder(in_channels=image_channels, **net)
         self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
         self.quantize = VectorQuantizer(vocab_size=vocab_size, dim=code_dim, beta=beta, l2_norm=l2_norm,
-                                        entropy_weight=entropy_weight)
+                                        entropy_weight=entropy_weight, restart_unused=restart_unused)
         self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
         self.decoder = Decoder(out_channels=image_channels, **net)
         self.recon_loss = recon_loss
