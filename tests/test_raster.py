@@ -34,7 +34,8 @@ def make(spec: TokenSpec = VQ, *, kv_heads: int | None = None, seed: int = 0, **
     torch.manual_seed(seed)
     model = RasterGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=2, heads=4, kv_heads=kv_heads,
                             **kwargs)
-    torch.nn.init.normal_(model.output.weight, std=0.5)  # the zero-initialised head would make every logit equal
+    head = model.depth_head.output if model.depth_mode == "head" else model.output
+    torch.nn.init.normal_(head.weight, std=0.5)  # the zero-initialised head would make every logit equal
     return model.eval()
 
 
@@ -191,7 +192,8 @@ def test_sampling_passes_and_rows(cfg: float) -> None:
     factor = 2 if cfg != 1.0 else 1
     assert rows == [3 * factor] * 16
     assert model.network_evaluations(cfg) == 16
-    assert model.sampling_cost(cfg) == {"passes": 16, "rows_per_pass_factor": factor}
+    assert model.sampling_cost(cfg) == {"passes": 16, "backbone_passes": 16, "head_passes": 0,
+                                        "rows_per_pass_factor": factor}
 
 
 def test_cfg_interval_and_greedy() -> None:
@@ -238,18 +240,63 @@ def test_depth_layout_trains_and_samples() -> None:
     torch.testing.assert_close(stepped, model(tokens, labels), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("spec, cfg", [(VQ, 1.0), (VQ, 3.0), (RVQ, 3.0)])
-def test_greedy_sampling_matches_recomputing_every_prefix(spec: TokenSpec, cfg: float) -> None:
+@pytest.mark.parametrize("spec, cfg, depth_mode", [(VQ, 1.0, "flatten"), (VQ, 3.0, "flatten"), (RVQ, 3.0, "flatten"),
+                                                   (RVQ, 1.0, "head"), (RVQ, 3.0, "head")])
+def test_greedy_sampling_matches_recomputing_every_prefix(spec: TokenSpec, cfg: float, depth_mode: str) -> None:
     """The cached sampling loop picks what a cache-free model would, token by token (CFG and depth included)."""
-    model = shared() if spec is VQ else make(spec)
+    model = shared() if spec is VQ else make(spec, depth_mode=depth_mode)
     labels = torch.tensor([1, 7])
     null = torch.full_like(labels, NUM_CLASSES)
-    seq = torch.zeros(2, spec.num_tokens, dtype=torch.long)
+    tokens = torch.zeros(2, *spec.grid, spec.depth, dtype=torch.long)  # (B, h, w, D), D = 1 for a grid
     with torch.no_grad():
-        for t in range(spec.num_tokens):
-            tokens = model.unflatten(seq)
-            logits = model(tokens, labels)[:, t]
-            if cfg != 1.0:
-                logits = classifier_free_guidance(logits, model(tokens, null)[:, t], cfg)
-            seq[:, t] = logits.argmax(-1)
-    torch.testing.assert_close(model.sample(labels, cfg=cfg, temperature=0.0), model.unflatten(seq))
+        for i in range(spec.grid[0]):
+            for j in range(spec.grid[1]):
+                for d in range(spec.depth):
+                    view = tokens if spec.layout == "depth" else tokens[..., 0]
+                    def logits_at(lab):  # the logits of code (i, j, d), whichever layout the model outputs
+                        out = model(view, lab)
+                        if depth_mode == "head":
+                            return out[:, i * spec.grid[1] + j, d]
+                        return out[:, (i * spec.grid[1] + j) * spec.depth + d]
+                    logits = logits_at(labels)
+                    if cfg != 1.0:
+                        logits = classifier_free_guidance(logits, logits_at(null), cfg)
+                    tokens[:, i, j, d] = logits.argmax(-1)
+    expected = tokens if spec.layout == "depth" else tokens[..., 0]
+    torch.testing.assert_close(model.sample(labels, cfg=cfg, temperature=0.0), expected)
+
+
+def test_depth_head_is_causal_over_positions_then_depths() -> None:
+    """Code (t, d) is predicted from positions < t and codes < d of position t: changing code (t, d) leaves the
+    logits of every code up to and including (t, d) unchanged and changes some later one."""
+    model = make(RVQ, depth_mode="head")
+    tokens, labels = batch(RVQ)
+    with torch.no_grad():
+        base = model(tokens, labels)
+        assert base.shape == (3, 4, 3, 16)
+        for t in range(4):
+            for d in range(3):
+                changed = tokens.clone()
+                i, j = divmod(t, 2)
+                changed[:, i, j, d] = (changed[:, i, j, d] + 1) % 16
+                out = model(changed, labels)
+                flat_base, flat_out = base.reshape(3, 12, 16), out.reshape(3, 12, 16)
+                k = t * 3 + d
+                torch.testing.assert_close(flat_out[:, :k + 1], flat_base[:, :k + 1])
+                if k < 11:
+                    assert not torch.allclose(flat_out[:, k + 1:], flat_base[:, k + 1:])
+
+
+def test_depth_head_trains_and_counts_its_passes() -> None:
+    model = make(RVQ, depth_mode="head").train()
+    tokens, labels = batch(RVQ)
+    out = model.loss(tokens, labels)
+    out["loss"].backward()
+    assert model.depth_embeddings is None and model.depth_head.tok_embeddings.weight.grad is not None
+    assert model.tok_embeddings.weight.grad.abs().sum() > 0  # the spatial input is the sum of a position's codes
+    assert model.seq_len == 4 and model.rope.shape[0] == 4 + 1  # + the class slot
+    assert model.sampling_cost(2.0) == {"passes": 4 + 12, "backbone_passes": 4, "head_passes": 12,
+                                        "rows_per_pass_factor": 2}
+    assert model.network_evaluations(2.0) == 16
+    # on a grid tokenizer a depth head is moot: the model is the plain raster model
+    assert make(VQ, depth_mode="head").depth_mode == "flatten"

@@ -1,8 +1,13 @@
 """LlamaGen-style raster generator: a Llama decoder predicting VQ tokens one at a time in raster order.
 
 Sequence: [class] t_0 t_1 … t_{N-2}; the output at slot s predicts t_s, so the class token predicts t_0.
-Residual (depth) tokens (B, h, w, D) are flattened position-major, t = ((i·w) + j)·D + d; the D tokens of a
-position share its RoPE position and get a learned depth embedding so the model knows which level comes next.
+Residual (depth) tokens (B, h, w, D) are modelled one of two ways (`depth_mode`):
+- `flatten`: position-major, t = ((i·w) + j)·D + d; the D tokens of a position share its RoPE position and get a
+  learned depth embedding so the model knows which level comes next. N = h·w·D network passes to sample.
+- `head` (RQ-Transformer): the spatial transformer runs over the h·w positions, its input at position t being the
+  sum of the D code embeddings of position t − 1; its output h_t feeds a small causal *depth* transformer over
+  [h_t, e(k_t1), e(k_t1) + e(k_t2), …] (cumulative code embeddings + a learned depth position) that predicts
+  k_t1 … k_tD in turn. h·w spatial passes plus h·w·D (cheap) depth passes.
 Module names follow LlamaGen (`tok_embeddings`, `cls_embedding.embedding_table`, `layers.{i}.attention.wqkv`,
 …, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i weights should load by key (strict=False for
 their `freqs_cis`; not yet tried on a released checkpoint).
@@ -20,26 +25,61 @@ from arvision.generators.sampling import classifier_free_guidance, sample_from_l
 from arvision.nn import KVCache, LabelEmbedding, RMSNorm, TransformerBlock, grid_positions, rope_2d, with_zero_prefix
 from arvision.tokenizers.base import TokenSpec
 
+DEPTH_MODES = ("flatten", "head")
+
+
+class DepthHead(nn.Module):
+    """RQ-Transformer's depth transformer: causal over the D codes of one position, fed by the spatial context."""
+
+    def __init__(self, *, vocab_size: int, levels: int, dim: int, depth: int, heads: int, norm_eps: float) -> None:
+        super().__init__()
+        self.levels = levels
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)  # its own code embeddings (`head_emb` in RQ-Transformer)
+        self.level_embeddings = nn.Embedding(levels, dim)
+        self.layers = nn.ModuleList(TransformerBlock(dim, heads, norm_eps=norm_eps) for _ in range(depth))
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+
+    def inputs(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """context (M, dim), codes (M, d′) with d′ < D known codes → head inputs (M, d′ + 1, dim):
+        [context, e(c_1), e(c_1) + e(c_2), …] (RQ-Transformer's `cumsum_depth_ctx`)."""
+        cumulative = self.tok_embeddings(codes).cumsum(dim=1)
+        return torch.cat([context[:, None], cumulative], dim=1)
+
+    def forward(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Depth slots start … start + n − 1 (x: (M, n, dim)) → logits (M, n, vocab) in fp32."""
+        x = x + self.level_embeddings(torch.arange(start, start + x.shape[1], device=x.device))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache=None if caches is None else caches[i], is_causal=True)
+        return self.output(self.norm(x)).float()
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache(self.levels) for _ in self.layers]
+
 
 class RasterGenerator(Generator):
     def __init__(self, *, spec: TokenSpec, num_classes: int, dim: int = 256, depth: int = 6, heads: int = 4,
                  kv_heads: int | None = None, ffn_hidden: int | None = None, token_dropout: float = 0.1,
                  resid_dropout: float = 0.1, ffn_dropout: float = 0.1, drop_path: float = 0.0,
                  class_dropout: float = 0.1, rope_base: float = 10000.0, norm_eps: float = 1e-5,
-                 depth_mode: str = "flatten") -> None:
+                 depth_mode: str = "flatten", head_depth: int = 2) -> None:
         super().__init__()
         require(spec, generator="raster", ok=spec.kind == "discrete" and spec.layout in ("grid", "depth"),
                 needs="a discrete grid or residual tokenizer (tokenizer=vq or tokenizer=rvq)")
-        if depth_mode != "flatten":
-            raise ValueError(f"depth_mode must be 'flatten' (an RQ depth head is not built yet), got {depth_mode!r}")
+        if depth_mode not in DEPTH_MODES:
+            raise ValueError(f"depth_mode must be one of {DEPTH_MODES}, got {depth_mode!r}")
         assert spec.vocab_size is not None  # guaranteed for discrete specs
         self.spec, self.num_classes = spec, num_classes
         self.levels = spec.depth if spec.layout == "depth" else 1
-        self.seq_len = spec.num_tokens
+        # With a depth head (and for a grid, where D = 1 makes both modes the same) the spatial sequence has one
+        # slot per position; flattened, one per code.
+        self.depth_mode = depth_mode if self.levels > 1 else "flatten"
+        self.seq_len = spec.num_tokens if self.depth_mode == "flatten" else spec.grid[0] * spec.grid[1]
 
         self.cls_embedding = LabelEmbedding(num_classes, dim, dropout=class_dropout)
         self.tok_embeddings = nn.Embedding(spec.vocab_size, dim)
-        self.depth_embeddings = nn.Embedding(self.levels, dim) if self.levels > 1 else None
+        flat_depth = self.levels > 1 and self.depth_mode == "flatten"
+        self.depth_embeddings = nn.Embedding(self.levels, dim) if flat_depth else None
         self.tok_dropout = nn.Dropout(token_dropout)
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth, as in LlamaGen
         self.layers = nn.ModuleList(
@@ -47,14 +87,19 @@ class RasterGenerator(Generator):
                              ffn_dropout=ffn_dropout, drop_path=rate, norm_eps=norm_eps)
             for rate in rates)
         self.norm = RMSNorm(dim, eps=norm_eps)
-        self.output = nn.Linear(dim, spec.vocab_size, bias=False)
+        if self.depth_mode == "head":
+            self.depth_head = DepthHead(vocab_size=spec.vocab_size, levels=self.levels, dim=dim, depth=head_depth,
+                                        heads=heads, norm_eps=norm_eps)
+        else:
+            self.output = nn.Linear(dim, spec.vocab_size, bias=False)
 
-        positions = grid_positions(*spec.grid).repeat_interleave(self.levels, dim=0)
+        positions = grid_positions(*spec.grid).repeat_interleave(self.seq_len // (spec.grid[0] * spec.grid[1]), dim=0)
         table = with_zero_prefix(rope_2d(positions, dim // heads, base=rope_base), 1)  # slot 0 = class
         self.register_buffer("rope", table, persistent=False)
 
         self.apply(self._init_weights)
-        nn.init.zeros_(self.output.weight)  # start from the uniform distribution over the vocabulary
+        # start from the uniform distribution over the vocabulary
+        nn.init.zeros_(self.depth_head.output.weight if self.depth_mode == "head" else self.output.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -64,7 +109,10 @@ class RasterGenerator(Generator):
     # --- the network -------------------------------------------------------------------------------------------
 
     def embed_tokens(self, seq: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Embed tokens (B, n) that sit at sequence indices offset … offset + n − 1 → (B, n, dim)."""
+        """Embed tokens (B, n) that sit at sequence indices offset … offset + n − 1 → (B, n, dim); with a depth
+        head, whole positions (B, n, D) → the sum of their D code embeddings (B, n, dim)."""
+        if self.depth_mode == "head":
+            return self.tok_embeddings(seq).sum(dim=2)
         x = self.tok_embeddings(seq)
         if self.depth_embeddings is not None:
             level = torch.arange(offset, offset + seq.shape[1], device=seq.device) % self.levels
@@ -72,7 +120,8 @@ class RasterGenerator(Generator):
         return x
 
     def decode(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Run input slots start … start + n − 1 (x: (B, n, dim)) → logits (B, n, vocab) in fp32.
+        """Run input slots start … start + n − 1 (x: (B, n, dim)) → logits (B, n, vocab) in fp32 (with a depth
+        head: the spatial context (B, n, dim) for the head instead).
 
         Without caches `start` must be 0 and x is the whole prefix; with caches (one per layer, see `new_caches`)
         the earlier slots are read from them and these are appended.
@@ -81,34 +130,46 @@ class RasterGenerator(Generator):
         x = self.tok_dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope=rope, cache=None if caches is None else caches[i], is_causal=True)
-        return self.output(self.norm(x)).float()
+        x = self.norm(x)
+        return x if self.depth_mode == "head" else self.output(x).float()
 
     def new_caches(self) -> list[KVCache]:
         """Empty per-layer KV caches for one sampling run (class slot + N − 1 fed tokens)."""
         return [KVCache(self.seq_len) for _ in self.layers]
 
     def flatten(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) or (B, h, w, D) → raster sequence (B, N)."""
+        """(B, h, w) or (B, h, w, D) → raster sequence (B, N) (with a depth head: positions (B, h·w, D))."""
+        if self.depth_mode == "head":
+            return rearrange(tokens, "b h w d -> b (h w) d")
         if self.spec.layout == "depth":
             return rearrange(tokens, "b h w d -> b (h w d)")
         return rearrange(tokens, "b h w -> b (h w)")
 
     def unflatten(self, seq: torch.Tensor) -> torch.Tensor:
         h, w = self.spec.grid
+        if self.depth_mode == "head":
+            return rearrange(seq, "b (h w) d -> b h w d", h=h, w=w)
         if self.spec.layout == "depth":
             return rearrange(seq, "b (h w d) -> b h w d", h=h, w=w)
         return rearrange(seq, "b (h w) -> b h w", h=h, w=w)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, N, vocab); position t predicts token t from the class and tokens < t."""
+        """Teacher-forced logits (B, N, vocab); position t predicts token t from the class and tokens < t (with a
+        depth head: (B, h·w, D, vocab), code d of position t predicted from positions < t and codes < d of t)."""
         seq = self.flatten(tokens)
         x = torch.cat([self.cls_embedding(labels)[:, None], self.embed_tokens(seq[:, :-1])], dim=1)
-        return self.decode(x)
+        out = self.decode(x)
+        if self.depth_mode == "flatten":
+            return out
+        b = seq.shape[0]
+        head_in = self.depth_head.inputs(rearrange(out, "b n c -> (b n) c"),
+                                         rearrange(seq[..., :-1], "b n d -> (b n) d"))
+        return rearrange(self.depth_head(head_in), "(b n) d v -> b n d v", b=b)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self(tokens, labels)
         targets = self.flatten(tokens)
-        loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), targets.flatten())
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten())
         accuracy = (logits.argmax(dim=-1) == targets).float().mean()
         return {"loss": loss, "accuracy": accuracy.detach()}
 
@@ -131,28 +192,46 @@ class RasterGenerator(Generator):
             batch = labels.shape[0]
             cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
             caches = self.new_caches()
-            seq = torch.empty(batch, self.seq_len, dtype=torch.long, device=labels.device)
+            shape = (batch, self.seq_len) if self.depth_mode == "flatten" else (batch, self.seq_len, self.levels)
+            seq = torch.empty(shape, dtype=torch.long, device=labels.device)
             x = self.cls_embedding(cond)[:, None]  # prefill: the class slot
-            for t in range(self.seq_len):
-                logits = self.decode(x, start=t, caches=caches)[:, -1]
+
+            def draw(logits: torch.Tensor, t: int) -> torch.Tensor:
                 if guided:
                     cond_logits, uncond_logits = logits.chunk(2)
                     use_cfg = cfg_interval < 0 or t < cfg_interval
                     logits = classifier_free_guidance(cond_logits, uncond_logits, cfg) if use_cfg else cond_logits
-                token = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                           generator=generator)
-                seq[:, t] = token
+                return sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=generator)
+
+            def both(token: torch.Tensor) -> torch.Tensor:  # the same token for the conditional and null rows
+                return torch.cat([token, token]) if guided else token
+
+            for t in range(self.seq_len):
+                out = self.decode(x, start=t, caches=caches)[:, -1]
+                if self.depth_mode == "flatten":
+                    seq[:, t] = draw(out, t)
+                else:  # D depth-head passes over this position's codes, with their own small cache
+                    head_caches, head_x, cumulative = self.depth_head.new_caches(), out[:, None], 0
+                    for d in range(self.levels):
+                        seq[:, t, d] = draw(self.depth_head(head_x, start=d, caches=head_caches)[:, -1], t)
+                        cumulative = cumulative + self.depth_head.tok_embeddings(both(seq[:, t, d]))
+                        head_x = cumulative[:, None]  # e(c_1) + … + e(c_d)
                 if t + 1 < self.seq_len:
-                    x = self.embed_tokens((torch.cat([token, token]) if guided else token)[:, None], offset=t)
+                    x = self.embed_tokens(both(seq[:, t])[:, None], offset=t)
             return self.unflatten(seq)
         finally:
             self.train(was_training)
 
     def sampling_cost(self, cfg: float) -> dict[str, int]:
-        """Forward passes per sampled batch (one per token, the first one the class prefill) and the rows each
-        pass runs, as a multiple of the batch size (2 under CFG: conditional + null-class rows)."""
-        return {"passes": self.seq_len, "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
+        """Forward passes per sampled batch (one per spatial slot, the first one the class prefill; with a depth
+        head also D head passes per position) and the rows each pass runs, as a multiple of the batch size (2 under
+        CFG: conditional + null-class rows)."""
+        head = self.seq_len * self.levels if self.depth_mode == "head" else 0
+        return {"passes": self.seq_len + head, "backbone_passes": self.seq_len, "head_passes": head,
+                "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
 
     def network_evaluations(self, cfg: float) -> int:
-        """Forward passes per sampled batch: N = h·w·D, whatever the CFG (see `sampling_cost` for the rows)."""
-        return self.seq_len
+        """Forward passes per sampled batch, whatever the CFG (see `sampling_cost` for the rows): h·w·D flattened,
+        h·w spatial + h·w·D depth-head passes with a depth head."""
+        return self.sampling_cost(cfg)["passes"]
