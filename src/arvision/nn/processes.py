@@ -1,0 +1,350 @@
+"""Continuous generative processes: rectified flow (FlowAR) and DDPM ε-prediction (ACDiT, MAR).
+
+Only the process mathematics lives here: noising, targets, losses, time sampling and ODE/SDE samplers. The
+network is never called directly; samplers take a closure `model_fn(x_t, t) -> prediction` so a caller can close
+over anything its network needs per step (class or AR conditioning, KV caches, positions).
+
+Rectified flow (`RectifiedFlow`), FlowAR's code convention (SiT/REPA `SILoss`, `path_type="linear"`):
+    t ∈ [0, 1],   x_t = (1 − t)·x0 + t·ε,   t = 0 is data, t = 1 is pure noise,
+    the network predicts the velocity v = dx_t/dt = ε − x0, trained with MSE, t ~ U(0, 1).
+    FlowAR's *paper* writes F_t = t·s + (1 − t)·F0 (t = 1 is data): the flip t ↦ 1 − t of the code; we follow the
+    code everywhere. The network sees floor(1000·t) (FlowAR's head does `(t * 1000).long()` before its sinusoidal
+    embedding; `timestep_embedding_input`). Sampling integrates dx/dt = v from t = 1 down to 0 on a time grid:
+    `uniform` (linspace(1, 0, steps + 1)) or `flowar` (FlowAR's `euler_sampler`: steps//2 points linspace(1 → 0.3)
+    then steps//2 + 1 points linspace(0.25 → 0); for steps = 25 that is 25 points, i.e. 24 Euler steps — FlowAR's
+    "25 steps" evaluate the network 24 times; FlowAR itself switches to the uniform grid at 50 steps). The ODE state
+    is kept in float64, as FlowAR does, so a long grid accumulates no rounding; the network gets it in the dtype of
+    the initial noise.
+
+DDPM (`GaussianDiffusion`), diffusers' `DDPMScheduler` conventions (ACDiT trains with its defaults):
+    T = 1000 integer timesteps t ∈ {0, …, 999}, ᾱ_t = Π_{s ≤ t}(1 − β_s), x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε,
+    β linear in [1e-4, 0.02] (`linear`, DDPM/diffusers default) or IDDPM's cosine ᾱ (`cosine`, diffusers'
+    `squaredcos_cap_v2`, MAR), ε-prediction trained with MSE, t ~ U{0, …, T − 1}. Samplers: DDIM (diffusers'
+    `DDIMScheduler`: "leading" spacing, ᾱ_{−1} = 1, η for stochasticity) and DPM-Solver++(2M) (diffusers'
+    `DPMSolverMultistepScheduler` defaults: "linspace" spacing, data prediction, midpoint second order, first order
+    on the first step and on the last step to σ = 0).
+
+Classifier-free guidance, shared by every sampler ("duplicate the batch" layout): with `cfg ≠ 1` the closure is
+called on 2B rows, [x; x] with times [t; t], and must return [cond; uncond] predictions (conditional rows first,
+then the null-class rows); the guided prediction is uncond + cfg·(cond − uncond). Inside the guidance interval
+(low ≤ t ≤ high, in the process's time units: t ∈ [0, 1] for the flow, integer timesteps for DDPM) the guided
+prediction is used, outside it the conditional one — the batch stays doubled, as in FlowAR, so the closure's row
+layout never changes. Every sampler returns `Sampled(sample, evaluations)`, the number of `model_fn` calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseSource = Sequence[torch.Tensor] | Callable[[int], torch.Tensor] | None
+
+TIME_GRIDS = ("uniform", "flowar")
+BETA_SCHEDULES = ("linear", "cosine")
+SPACINGS = ("leading", "linspace", "trailing")
+ALWAYS = (-math.inf, math.inf)
+
+
+class Sampled(NamedTuple):
+    sample: torch.Tensor
+    evaluations: int  # model_fn calls (each on 2B rows under CFG)
+
+
+def _per_sample(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) time/coefficient → broadcastable against x (B, …)."""
+    t = torch.as_tensor(t, device=x.device)
+    return t.reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t
+
+
+def mse_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over all but the batch dimension, optionally weighted per sample, then mean over the batch; fp32."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if weight is not None:
+        per_sample = per_sample * weight.float()
+    return per_sample.mean()
+
+
+def guided(model_fn: ModelFn, x: torch.Tensor, t: float | int, *, cfg: float = 1.0,
+           guidance_interval: tuple[float, float] = ALWAYS) -> torch.Tensor:
+    """One network evaluation with classifier-free guidance in the duplicate-the-batch layout.
+
+    x (B, …) in the network's dtype; t a scalar time. cfg = 1 calls `model_fn` on the B rows; otherwise on
+    [x; x] (2B rows, conditional then null-class) and returns uncond + cfg·(cond − uncond) inside the guidance
+    interval, cond outside it.
+    """
+    rows = x.shape[0]  # torch.full keeps the type of t: float32 flow times, int64 DDPM timesteps
+    if cfg == 1.0:
+        return model_fn(x, torch.full((rows,), t, device=x.device))
+    t_rows = torch.full((2 * rows,), t, device=x.device)
+    cond, uncond = model_fn(torch.cat([x, x]), t_rows).chunk(2)
+    low, high = guidance_interval
+    if low <= float(t) <= high:
+        return uncond + cfg * (cond - uncond)
+    return cond
+
+
+def _noise_at(source: NoiseSource, i: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Per-step noise: the i-th supplied tensor, a callable's output, or a fresh draw from `generator`."""
+    if source is None:
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
+    noise = source(i) if callable(source) else source[i]
+    return noise.to(device=like.device, dtype=like.dtype)
+
+
+# --- rectified flow -------------------------------------------------------------------------------------------------
+
+
+def time_grid(kind: str, steps: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Float64 times from 1 (noise) down to 0 (data); len − 1 network evaluations for Euler.
+
+    `uniform`: steps + 1 points. `flowar`: FlowAR's non-uniform grid, steps//2 points linspace(1 → 0.3) then
+    steps//2 + 1 points linspace(0.25 → 0) (dense near the data; 2·(steps//2) intervals, so 24 for steps = 25).
+    """
+    if kind == "uniform":
+        if steps < 1:
+            raise ValueError(f"need steps >= 1, got {steps}")
+        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
+    if kind == "flowar":
+        if steps < 2:
+            raise ValueError(f"the flowar time grid needs steps >= 2, got {steps}")
+        half = steps // 2
+        return torch.cat([torch.linspace(1.0, 0.3, half, dtype=torch.float64, device=device),
+                          torch.linspace(0.25, 0.0, half + 1, dtype=torch.float64, device=device)])
+    raise ValueError(f"time grid must be one of {TIME_GRIDS}, got {kind!r}")
+
+
+class RectifiedFlow:
+    """Linear-path flow matching with velocity prediction (t = 0 data, t = 1 noise; see the module docstring)."""
+
+    def __init__(self, *, time_scale: float = 1000.0, discrete_time: bool = True) -> None:
+        self.time_scale, self.discrete_time = time_scale, discrete_time
+
+    # training
+    def sample_t(self, n: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        """t ~ U(0, 1), shape (n,), fp32 (FlowAR: uniform weighting, no logit-normal)."""
+        return torch.rand(n, generator=generator, device=device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = _per_sample(t, x0).to(x0.dtype)
+        return (1 - t) * x0 + t * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity dx_t/dt = ε − x0."""
+        return noise - x0
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+        return mse_loss(prediction, self.target(x0, noise), weight)
+
+    def timestep_embedding_input(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network's sinusoidal embedding sees: floor(1000·t) as FlowAR (`(t * 1000).long()`), or 1000·t
+        with discrete_time=False. Float, so it feeds a sinusoidal embedding directly."""
+        scaled = t.float() * self.time_scale
+        return scaled.floor() if self.discrete_time else scaled
+
+    # sampling
+    def euler(self, model_fn: ModelFn, noise: torch.Tensor, timesteps: torch.Tensor, *, cfg: float = 1.0,
+              guidance_interval: tuple[float, float] = ALWAYS, state_dtype: torch.dtype = torch.float64) -> Sampled:
+        """Euler ODE from timesteps[0] (1, noise) to timesteps[-1] (0, data): len(timesteps) − 1 evaluations."""
+        dtype, x = noise.dtype, noise.to(state_dtype)
+        for t_cur, t_next in zip(timesteps[:-1].tolist(), timesteps[1:].tolist()):
+            v = guided(model_fn, x.to(dtype), t_cur, cfg=cfg, guidance_interval=guidance_interval)
+            x = x + (t_next - t_cur) * v.to(state_dtype)
+        return Sampled(x.to(dtype), len(timesteps) - 1)
+
+    def heun(self, model_fn: ModelFn, noise: torch.Tensor, timesteps: torch.Tensor, *, cfg: float = 1.0,
+             guidance_interval: tuple[float, float] = ALWAYS, state_dtype: torch.dtype = torch.float64) -> Sampled:
+        """Heun's second-order method (SiT/REPA `euler_sampler(heun=True)`): Euler predictor, trapezoid corrector,
+        except on the last step (plain Euler, as theirs): 2·(len − 1) − 1 evaluations."""
+        dtype, x = noise.dtype, noise.to(state_dtype)
+        steps, evaluations = len(timesteps) - 1, 0
+        for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1].tolist(), timesteps[1:].tolist())):
+            d_cur = guided(model_fn, x.to(dtype), t_cur, cfg=cfg, guidance_interval=guidance_interval).to(state_dtype)
+            x_next = x + (t_next - t_cur) * d_cur
+            evaluations += 1
+            if i < steps - 1:
+                d_next = guided(model_fn, x_next.to(dtype), t_next, cfg=cfg,
+                                guidance_interval=guidance_interval).to(state_dtype)
+                x_next = x + (t_next - t_cur) * 0.5 * (d_cur + d_next)
+                evaluations += 1
+            x = x_next
+        return Sampled(x.to(dtype), evaluations)
+
+    def euler_maruyama(self, model_fn: ModelFn, noise: torch.Tensor, timesteps: torch.Tensor, *, cfg: float = 1.0,
+                       guidance_interval: tuple[float, float] = ALWAYS, step_noise: NoiseSource = None,
+                       generator: torch.Generator | None = None,
+                       state_dtype: torch.dtype = torch.float64) -> Sampled:
+        """The reverse SDE with diffusion coefficient g² = 2t (FlowAR/SiT `euler_maruyama_sampler`):
+        drift v − ½·g²·score, score from the velocity of the linear path, score = −(x + (1 − t)·v)/t.
+        The last interval is a deterministic Euler step (the score is singular at t = 0). Per-step noise comes
+        from `step_noise` (a list or callable i → tensor) or `generator`; len − 1 evaluations."""
+        dtype, x = noise.dtype, noise.to(state_dtype)
+        grid = timesteps.tolist()
+        for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+            v = guided(model_fn, x.to(dtype), t_cur, cfg=cfg, guidance_interval=guidance_interval).to(state_dtype)
+            dt = t_next - t_cur
+            if i == len(grid) - 2 or t_cur <= 0:
+                x = x + dt * v
+                continue
+            score = -(x + (1 - t_cur) * v) / t_cur
+            diffusion = 2 * t_cur
+            x = x + dt * (v - 0.5 * diffusion * score)
+            x = x + math.sqrt(diffusion * abs(dt)) * _noise_at(step_noise, i, x, generator)
+        return Sampled(x.to(dtype), len(grid) - 1)
+
+    def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, sampler: str = "euler", steps: int = 25,
+               grid: str = "flowar", cfg: float = 1.0, guidance_interval: tuple[float, float] = ALWAYS,
+               step_noise: NoiseSource = None, generator: torch.Generator | None = None) -> Sampled:
+        timesteps = time_grid(grid, steps, device=noise.device)
+        if sampler == "euler":
+            return self.euler(model_fn, noise, timesteps, cfg=cfg, guidance_interval=guidance_interval)
+        if sampler == "heun":
+            return self.heun(model_fn, noise, timesteps, cfg=cfg, guidance_interval=guidance_interval)
+        if sampler == "euler_maruyama":
+            return self.euler_maruyama(model_fn, noise, timesteps, cfg=cfg, guidance_interval=guidance_interval,
+                                       step_noise=step_noise, generator=generator)
+        raise ValueError(f"flow sampler must be euler, heun or euler_maruyama, got {sampler!r}")
+
+    def evaluations(self, *, sampler: str = "euler", steps: int = 25, grid: str = "flowar") -> int:
+        """`model_fn` calls one `sample` makes, without running it."""
+        intervals = len(time_grid(grid, steps)) - 1
+        return 2 * intervals - 1 if sampler == "heun" else intervals
+
+
+# --- DDPM -----------------------------------------------------------------------------------------------------------
+
+
+def betas_for(schedule: str, num_steps: int) -> torch.Tensor:
+    """β_t (float64, (num_steps,)): `linear` in [1e-4, 0.02] (scaled to num_steps as in IDDPM, equal to diffusers'
+    default at 1000) or `cosine` (IDDPM: ᾱ(s) = cos²((s + 0.008)/1.008·π/2), β ≤ 0.999)."""
+    if schedule == "linear":
+        scale = 1000 / num_steps
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+
+
+class GaussianDiffusion:
+    """DDPM with ε-prediction over `num_train_timesteps` integer steps (see the module docstring)."""
+
+    def __init__(self, *, num_train_timesteps: int = 1000, beta_schedule: str = "linear") -> None:
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
+        self.betas = betas_for(beta_schedule, num_train_timesteps)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # float64, ᾱ_t for t = 0 … T − 1
+
+    def _alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.long)
+        return self.alphas_cumprod[t.cpu()].to(like.device)
+
+    # training
+    def sample_t(self, n: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        """t ~ U{0, …, T − 1}, LongTensor (n,)."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        alpha_bar = _per_sample(self._alpha_bar(t, x0), x0)
+        return (alpha_bar.sqrt() * x0.double() + (1 - alpha_bar).sqrt() * noise.double()).to(x0.dtype)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+        return mse_loss(prediction, self.target(x0, noise), weight)
+
+    def timestep_embedding_input(self, t: torch.Tensor) -> torch.Tensor:
+        """The integer timestep itself, as a float for a sinusoidal embedding (DiT, MAR, ACDiT)."""
+        return t.float()
+
+    def inference_timesteps(self, steps: int, spacing: str) -> list[int]:
+        """Descending integer timesteps, as diffusers' schedulers pick them: `leading` (DDIM default:
+        k·(T // steps)), `linspace` (DPM-Solver default: round(linspace(0, T − 1, steps + 1)) without the final 0),
+        `trailing` (round(T − k·T/steps) − 1)."""
+        T = self.num_train_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"need 1 <= steps <= {T}, got {steps}")
+        if spacing == "leading":
+            ts = [k * (T // steps) for k in range(steps)][::-1]
+        elif spacing == "linspace":
+            ts = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long().tolist()[::-1][:-1]
+        elif spacing == "trailing":
+            ts = [round(T - k * T / steps) - 1 for k in range(steps)]
+        else:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        return ts
+
+    # sampling
+    def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int, *, eta: float = 0.0, cfg: float = 1.0,
+             guidance_interval: tuple[float, float] = ALWAYS, spacing: str = "leading",
+             step_noise: NoiseSource = None, generator: torch.Generator | None = None,
+             state_dtype: torch.dtype = torch.float64) -> Sampled:
+        """DDIM (diffusers' `DDIMScheduler.step`, ᾱ after the last step = 1, no clipping): x0̂ = (x − √(1−ᾱ)ε̂)/√ᾱ,
+        x' = √ᾱ'·x0̂ + √(1 − ᾱ' − σ²)·ε̂ + σ·z, σ = η·√((1 − ᾱ')/(1 − ᾱ))·√(1 − ᾱ/ᾱ'). η = 1 is ancestral DDPM on
+        the sub-sequence. `steps` evaluations; per-step noise z from `step_noise` or `generator` (η > 0 only)."""
+        dtype, x = noise.dtype, noise.to(state_dtype)
+        ts = self.inference_timesteps(steps, spacing)
+        for i, t in enumerate(ts):
+            prev = ts[i + 1] if i + 1 < len(ts) else -1
+            a = self.alphas_cumprod[t].item()
+            a_prev = self.alphas_cumprod[prev].item() if prev >= 0 else 1.0
+            eps = guided(eps_fn, x.to(dtype), t, cfg=cfg, guidance_interval=guidance_interval).to(state_dtype)
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * _noise_at(step_noise, i, x, generator)
+        return Sampled(x.to(dtype), len(ts))
+
+    def dpm_solver_pp_2m(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int, *, cfg: float = 1.0,
+                         guidance_interval: tuple[float, float] = ALWAYS, spacing: str = "linspace",
+                         state_dtype: torch.dtype = torch.float64) -> Sampled:
+        """DPM-Solver++(2M), data prediction, midpoint form (diffusers' `DPMSolverMultistepScheduler` defaults).
+
+        With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ = log(α/σ), x0̂ = (x − σ_s·ε̂)/α_s, h = λ_t − λ_s:
+            first order   x_t = (σ_t/σ_s)·x − α_t·(e^{−h} − 1)·x0̂
+            second order  … − ½·α_t·(e^{−h} − 1)·(x0̂ − x0̂_prev)/r,  r = (λ_s − λ_prev)/h
+        First order on the first step and on the last, which goes to σ = 0 (x = x0̂). `steps` evaluations.
+        """
+        dtype, x = noise.dtype, noise.to(state_dtype)
+        ts = self.inference_timesteps(steps, spacing)
+        alphas = [math.sqrt(self.alphas_cumprod[t].item()) for t in ts] + [1.0]
+        sigmas = [math.sqrt(1 - self.alphas_cumprod[t].item()) for t in ts] + [0.0]
+        lambdas = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
+        x0_prev: torch.Tensor | None = None
+        for i, t in enumerate(ts):
+            eps = guided(eps_fn, x.to(dtype), t, cfg=cfg, guidance_interval=guidance_interval).to(state_dtype)
+            x0 = (x - sigmas[i] * eps) / alphas[i]
+            if sigmas[i + 1] == 0:  # the final step to σ = 0 lands on the data prediction
+                x = x0
+            else:
+                h = lambdas[i + 1] - lambdas[i]
+                phi = math.expm1(-h)  # e^{−h} − 1
+                x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * phi * x0
+                if x0_prev is not None:
+                    r = (lambdas[i] - lambdas[i - 1]) / h
+                    x = x - 0.5 * alphas[i + 1] * phi * (x0 - x0_prev) / r
+            x0_prev = x0
+        return Sampled(x.to(dtype), len(ts))
+
+    def sample(self, eps_fn: ModelFn, noise: torch.Tensor, *, sampler: str = "dpm_solver_pp_2m", steps: int = 25,
+               eta: float = 0.0, cfg: float = 1.0, guidance_interval: tuple[float, float] = ALWAYS,
+               step_noise: NoiseSource = None, generator: torch.Generator | None = None) -> Sampled:
+        if sampler == "ddim":
+            return self.ddim(eps_fn, noise, steps, eta=eta, cfg=cfg, guidance_interval=guidance_interval,
+                             step_noise=step_noise, generator=generator)
+        if sampler == "dpm_solver_pp_2m":
+            return self.dpm_solver_pp_2m(eps_fn, noise, steps, cfg=cfg, guidance_interval=guidance_interval)
+        raise ValueError(f"diffusion sampler must be ddim or dpm_solver_pp_2m, got {sampler!r}")
+
+    def evaluations(self, *, sampler: str = "dpm_solver_pp_2m", steps: int = 25) -> int:
+        return steps
