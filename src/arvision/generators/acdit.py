@@ -1,0 +1,372 @@
+"""ACDiT (Hu et al., 2024): blockwise autoregressive diffusion over continuous latent tokens.
+
+The latent (B, C, h, w) is patchified (patch p) into a gh×gw grid of L tokens of C·p² channels, cut into N
+square blocks of K = s×s tokens taken in raster order of blocks (K = L: one block, plain DiT; K = 1: token-wise
+AR with full-network diffusion per token). Within a block, tokens are in raster order.
+
+Training sequence ("clean first", as the official code): the clean blocks, then all N noisy blocks
+    [c_0 … c_{N−2} | n_0 … n_{N−1}]      n_i = √ᾱ_{t_i}·c_i + √(1 − ᾱ_{t_i})·ε_i,  t_i ~ U{0 … 999} per (image, block)
+c_{N−1} is seen by no noisy block, so it is left out (exact: the outputs equal the 2L-token sequence's; it saves
+1/(2N) of the tokens, and N = 1 is then literally DiT). Attention follows the Skip-Causal Attention Mask
+(`skip_causal_mask_mod`, the reference formula over the full 2N-block sequence): clean block i sees clean blocks
+≤ i; noisy block i sees clean blocks < i and itself; clean never sees noisy; noisy never sees another noisy block.
+Clean and noisy copies of a token share its 2D RoPE position.
+
+Conditioning, as the official `CustomDiTBlock`: adaLN-Zero (shift/scale/gate from SiLU → Linear of the timestep
+embedding of the block's t plus the class embedding) on the noisy tokens only; clean tokens pass through plain
+RMSNorm, no gates, and never see t or the class. Loss: DDPM ε-prediction MSE on the noisy tokens (linear β,
+diffusers' DDPMScheduler defaults, as the official train.py); class dropout to the null class `num_classes`.
+Deviations from the official model, to share arvision's layers: SwiGLU feed-forward instead of GELU-MLP, no
+qkv bias and no QK-norm (`arvision.nn.Attention` has neither), LlamaGen's 2D RoPE instead of RoPE-ND.
+
+Sampling (the official `sample`): for block i, `steps` DPM-Solver++ (or DDIM) steps over the K noisy tokens, each
+attending to the cached keys/values of the finished blocks c_0 … c_{i−1}; CFG is constant on ε. The finished block
+then runs once as a clean block (no conditioning) to append its keys/values to the per-layer KV cache; this is
+exact because clean tokens see neither noisy tokens nor the class. The last block needs no clean pass, so a batch
+costs N·steps + N − 1 backbone passes over K tokens each (2B rows under CFG, clean passes included).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+
+from arvision.generators.base import Generator, require
+from arvision.nn.attention import Attention, KVCache
+from arvision.nn.blocks import FeedForward, LabelEmbedding, swiglu_hidden
+from arvision.nn.masks import MaskMod, dense_from_mask_mod, flex_block_mask, use_flex
+from arvision.nn.norm import RMSNorm
+from arvision.nn.processes import GaussianDiffusion
+from arvision.nn.rope import grid_positions, rope_2d
+from arvision.tokenizers.base import TokenSpec
+
+SAMPLERS = ("dpm_solver_pp", "ddim")
+
+
+# --- the Skip-Causal Attention Mask -----------------------------------------------------------------------------
+
+def skip_causal_mask_mod(block_size: int, num_blocks: int) -> MaskMod:
+    """The reference SCAM over [c_0 … c_{N−1} | n_0 … n_{N−1}] (2N blocks of `block_size`), as a FlexAttention
+    mask_mod (`thunlp/ACDiT: skip_causal_attn_mask_mod_gen` with len1 = N)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_idx // block_size, kv_idx // block_size
+        q_clean, k_clean = q < num_blocks, k < num_blocks
+        return ((q_clean & k_clean & (k <= q))                    # clean: block-causal
+                | (~q_clean & k_clean & (k < q - num_blocks))     # noisy i: clean blocks < i
+                | (q == k))                                       # every block sees itself
+    return mask_mod
+
+
+def skip_causal_mask(block_size: int, num_blocks: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """The same mask built block by block (the official `build_attention_mask`): dense bool (2L, 2L), True = may
+    attend."""
+    n = num_blocks
+    blocks = torch.zeros(2 * n, 2 * n, dtype=torch.bool, device=device)
+    blocks[:n, :n] = torch.ones(n, n, dtype=torch.bool, device=device).tril()          # clean → clean ≤ i
+    blocks[n:, :n] = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)        # noisy → clean < i
+    blocks[n:, n:] = torch.eye(n, dtype=torch.bool, device=device)                     # noisy → itself
+    return blocks.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+
+
+def without_last_clean_block(mask_mod: MaskMod, block_size: int, num_blocks: int) -> MaskMod:
+    """`mask_mod` on the training sequence, which omits c_{N−1}: indices from (N−1)·K on skip over it."""
+    gap = (num_blocks - 1) * block_size
+
+    def shifted(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + block_size * (q_idx >= gap), kv_idx + block_size * (kv_idx >= gap))
+    return shifted
+
+
+# --- layers -----------------------------------------------------------------------------------------------------
+
+class TimestepEmbedding(nn.Module):
+    """DiT's timestep embedder: sinusoidal features of the (integer) timestep (cos then sin), then an MLP."""
+
+    def __init__(self, dim: int, *, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (...) → (..., dim)."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)
+        args = t.float()[..., None] * freqs
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, clean_len: int) -> torch.Tensor:
+    """adaLN on the noisy tokens x[:, clean_len:] only (shift, scale: (B, n_noisy, dim))."""
+    return torch.cat([x[:, :clean_len], x[:, clean_len:] * (1 + scale) + shift], dim=1)
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, clean_len: int) -> torch.Tensor:
+    return torch.cat([x[:, :clean_len], gate * x[:, clean_len:]], dim=1)
+
+
+class ACDiTBlock(nn.Module):
+    """Pre-norm block (RMSNorm → attention, RMSNorm → SwiGLU) with adaLN-Zero on the noisy tokens only."""
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None, ffn_hidden: int, norm_eps: float) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, eps=norm_eps)
+        self.attention = Attention(dim, heads, kv_heads=kv_heads)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+        self.feed_forward = FeedForward(dim, ffn_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None, *, clean_len: int, block_size: int,
+                rope: torch.Tensor, cache: KVCache | None = None, attn_mask=None) -> torch.Tensor:
+        """x (B, n, dim): `clean_len` clean tokens, then noisy blocks of `block_size` tokens whose conditioning is
+        cond (B, noisy blocks, dim); cond None means every token is clean."""
+        attend = dict(rope=rope, cache=cache, attn_mask=attn_mask)
+        if cond is None:
+            x = x + self.attention(self.attention_norm(x), **attend)
+            return x + self.feed_forward(self.ffn_norm(x))
+        # modulation per block (not per token), then broadcast over the block's tokens
+        mod = repeat(self.adaLN_modulation(cond), "b n d -> b (n k) d", k=block_size)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.chunk(6, dim=-1)
+        h = self.attention(modulate(self.attention_norm(x), shift_a, scale_a, clean_len), **attend)
+        x = x + gated(h, gate_a, clean_len)
+        h = self.feed_forward(modulate(self.ffn_norm(x), shift_f, scale_f, clean_len))
+        return x + gated(h, gate_f, clean_len)
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, adaLN shift/scale from the block's conditioning, linear to the token channels (ε)."""
+
+    def __init__(self, dim: int, out_dim: int, *, norm_eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, *, block_size: int) -> torch.Tensor:
+        shift, scale = repeat(self.adaLN_modulation(cond), "b n d -> b (n k) d", k=block_size).chunk(2, dim=-1)
+        return self.linear(self.norm(x) * (1 + scale) + shift)
+
+
+# --- the generator ----------------------------------------------------------------------------------------------
+
+class ACDiTGenerator(Generator):
+    def __init__(self, *, spec: TokenSpec, num_classes: int, dim: int = 256, depth: int = 6, heads: int = 4,
+                 kv_heads: int | None = None, ffn_hidden: int | None = None, patch_size: int = 1,
+                 block_size: int = 16, class_dropout: float = 0.1, rope_base: float = 10000.0,
+                 norm_eps: float = 1e-6, time_freq_dim: int = 256, num_train_timesteps: int = 1000,
+                 beta_schedule: str = "linear", attention: str = "auto") -> None:
+        super().__init__()
+        require(spec, generator="acdit", ok=spec.kind == "continuous", needs="a continuous tokenizer (tokenizer=vae)")
+        h, w = spec.grid
+        if patch_size < 1 or h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size must divide the {h}×{w} latent, got {patch_size}")
+        gh, gw = h // patch_size, w // patch_size
+        seq_len = gh * gw
+        allowed = sorted({s * s for s in range(1, min(gh, gw) + 1) if gh % s == 0 and gw % s == 0} | {seq_len})
+        if block_size not in allowed:
+            raise ValueError(f"block_size must be a square s·s with s dividing the {gh}×{gw} token grid, or the whole "
+                             f"grid: one of {allowed}; got {block_size}")
+        use_flex(attention, "cpu")  # validates the switch
+        self.spec, self.num_classes = spec, num_classes
+        self.patch_size, self.block_size, self.attention_mode = patch_size, block_size, attention
+        self.grid, self.seq_len = (gh, gw), seq_len
+        self.block_side = (gh, gw) if block_size == seq_len else (math.isqrt(block_size),) * 2
+        self.num_blocks = seq_len // block_size
+        self.token_dim = spec.dim * patch_size ** 2
+        self.diffusion = GaussianDiffusion(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+
+        self.x_embedder = nn.Linear(self.token_dim, dim, bias=False)  # shared by clean and noisy tokens
+        self.t_embedder = TimestepEmbedding(dim, freq_dim=time_freq_dim)
+        self.y_embedder = LabelEmbedding(num_classes, dim, dropout=class_dropout)
+        self.layers = nn.ModuleList(
+            ACDiTBlock(dim, heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden or swiglu_hidden(dim), norm_eps=norm_eps)
+            for _ in range(depth))
+        self.final_layer = FinalLayer(dim, self.token_dim, norm_eps=norm_eps)
+
+        # 2D RoPE of every token in sequence (block) order; clean and noisy copies use the same rows.
+        bh, bw = self.block_side
+        positions = rearrange(grid_positions(gh, gw), "(nh bh nw bw) c -> (nh nw bh bw) c", bh=bh, bw=bw,
+                              nh=gh // bh, nw=gw // bw)
+        self.register_buffer("rope", rope_2d(positions, dim // heads, base=rope_base), persistent=False)
+        self.register_buffer("train_mask", self.training_mask(), persistent=False)
+        self._block_masks: dict[str, object] = {}  # FlexAttention BlockMask per device, built on first use
+
+        self._init_weights()
+        self._last_steps = 25  # steps of the latest `sample` call, for `sampling_cost`
+
+    def _init_weights(self) -> None:
+        """DiT's initialisation: xavier linears, N(0, 0.02) label and time embeddings, adaLN-Zero, zero output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [*self.layers, self.final_layer]:
+            nn.init.zeros_(layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # --- layout ---------------------------------------------------------------------------------------------------
+
+    def to_blocks(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) → (B, N, K, C·p²): patchify, then square blocks in raster order, raster inside a block."""
+        (bh, bw), p = self.block_side, self.patch_size
+        return rearrange(latents, "b c (nh bh p1) (nw bw p2) -> b (nh nw) (bh bw) (c p1 p2)", bh=bh, bw=bw, p1=p, p2=p)
+
+    def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(B, N, K, C·p²) → (B, C, h, w)."""
+        (bh, bw), p = self.block_side, self.patch_size
+        return rearrange(blocks, "b (nh nw) (bh bw) (c p1 p2) -> b c (nh bh p1) (nw bw p2)", bh=bh, bw=bw, p1=p, p2=p,
+                         nh=self.grid[0] // bh)
+
+    def training_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Dense SCAM of the training sequence (without c_{N−1}): ((2N−1)·K, (2N−1)·K)."""
+        keep = torch.ones(2 * self.seq_len, dtype=torch.bool)
+        keep[(self.num_blocks - 1) * self.block_size:self.seq_len] = False
+        full = skip_causal_mask(self.block_size, self.num_blocks, device=device)
+        return full[keep][:, keep]
+
+    def attention_mask(self, device: torch.device):
+        """The training mask for `device`: a FlexAttention BlockMask (flex) or the dense bool buffer (sdpa)."""
+        if not use_flex(self.attention_mode, device):
+            return self.train_mask
+        key = str(device)
+        if key not in self._block_masks:
+            n = self.train_mask.shape[0]
+            mod = without_last_clean_block(skip_causal_mask_mod(self.block_size, self.num_blocks), self.block_size,
+                                           self.num_blocks)
+            self._block_masks[key] = flex_block_mask(mod, n, n, device=device)
+        return self._block_masks[key]
+
+    # --- the network ----------------------------------------------------------------------------------------------
+
+    def condition(self, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-block conditioning: timesteps t (B, n) and labels (B,) → (B, n, dim); labels are dropped to the
+        null class with probability class_dropout in training mode."""
+        return self.t_embedder(t) + self.y_embedder(labels)[:, None]
+
+    def forward(self, clean: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training pass: clean and noisy blocks (B, N, K, c), timesteps t (B, N) → predicted ε (B, N, K, c)."""
+        context = rearrange(self.x_embedder(clean[:, :-1]), "b n k d -> b (n k) d")  # c_{N−1} is never seen
+        x = torch.cat([context, rearrange(self.x_embedder(noisy), "b n k d -> b (n k) d")], dim=1)
+        clean_len = context.shape[1]
+        cond = self.condition(t, labels)
+        rope = torch.cat([self.rope[:clean_len], self.rope])
+        mask = self.attention_mask(x.device)
+        for layer in self.layers:
+            x = layer(x, cond, clean_len=clean_len, block_size=self.block_size, rope=rope, attn_mask=mask)
+        eps = self.final_layer(x[:, clean_len:], cond, block_size=self.block_size)
+        return rearrange(eps, "b (n k) c -> b n k c", k=self.block_size)
+
+    def new_caches(self) -> list[KVCache]:
+        """Per-layer KV caches for one sampling run: the N − 1 context blocks plus the block being denoised."""
+        return [KVCache(self.seq_len) for _ in self.layers]
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, block: int,
+                caches: list[KVCache] | None = None) -> torch.Tensor:
+        """ε for noisy block `block` (x_t: (B, K, c)) at timesteps t (B,), attending to the clean blocks < block held
+        in `caches` (filled by `extend_context`; None when there is no context). The caches are left as found."""
+        context = block * self.block_size
+        if caches is not None and any(c.length != context for c in caches):
+            raise ValueError(f"caches hold {[c.length for c in caches]} tokens; block {block} needs {context}")
+        if caches is None and block:
+            raise ValueError(f"block {block} needs the caches of blocks < {block}")
+        x = self.x_embedder(x_t)
+        cond = self.condition(t[:, None], labels)
+        rope = self.rope[context:context + self.block_size]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cond, clean_len=0, block_size=self.block_size, rope=rope,
+                      cache=None if caches is None else caches[i])
+        if caches is not None:
+            for cache in caches:  # forget this pass's noisy keys/values: only clean blocks stay
+                cache.length = context
+        return self.final_layer(x, cond, block_size=self.block_size)
+
+    def extend_context(self, clean: torch.Tensor, block: int, caches: list[KVCache]) -> None:
+        """Run finished block `block` (B, K, c) once as a clean block, appending its keys/values to `caches`."""
+        context = block * self.block_size
+        if any(c.length != context for c in caches):
+            raise ValueError(f"caches hold {[c.length for c in caches]} tokens; block {block} needs {context}")
+        x = self.x_embedder(clean)
+        rope = self.rope[context:context + self.block_size]
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, None, clean_len=self.block_size, block_size=self.block_size, rope=rope, cache=cache)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        x0 = self.to_blocks(tokens)
+        noise = torch.randn_like(x0)
+        b, n = x0.shape[:2]
+        t = self.diffusion.sample_t(b * n, device=x0.device)  # an independent timestep per (image, block)
+        x_t = rearrange(self.diffusion.add_noise(rearrange(x0, "b n k c -> (b n) k c"),
+                                                 rearrange(noise, "b n k c -> (b n) k c"), t),
+                        "(b n) k c -> b n k c", b=b)
+        eps = self(x0, x_t, t.reshape(b, n), labels)
+        return {"loss": self.diffusion.loss(eps, x0, noise)}
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(self, labels: torch.Tensor, *, cfg: float = 1.5, generator: torch.Generator | None = None,
+               steps: int = 25, sampler: str = "dpm_solver_pp", eta: float = 0.0) -> torch.Tensor:
+        """Latents (B, C, h, w) for `labels` (B,), block after block.
+
+        cfg ≠ 1 runs conditional and null-class rows as one 2B batch, ε = ε_u + cfg·(ε_c − ε_u) at every step (the
+        official constant CFG); the clean passes run the same 2B rows so the caches match the noisy passes. Noise
+        is drawn from `generator` (on its device), block by block.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            self._last_steps = steps
+            guided = cfg != 1.0
+            device, b, k = labels.device, labels.shape[0], self.block_size
+            rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+            caches = self.new_caches() if self.num_blocks > 1 else None
+            noise_device = generator.device if generator is not None else device
+            blocks = []
+            for i in range(self.num_blocks):
+                noise = torch.randn((b, k, self.token_dim), generator=generator, device=noise_device).to(device)
+
+                def eps_fn(x_t: torch.Tensor, t: torch.Tensor, block: int = i) -> torch.Tensor:
+                    return self.denoise(x_t, t, rows, block, caches)
+
+                x0 = self.run_sampler(eps_fn, noise, steps=steps, sampler=sampler, cfg=cfg, eta=eta,
+                                      generator=generator)
+                blocks.append(x0)
+                if i + 1 < self.num_blocks:
+                    assert caches is not None
+                    self.extend_context(torch.cat([x0, x0]) if guided else x0, i, caches)
+            return self.from_blocks(torch.stack(blocks, dim=1))
+        finally:
+            self.train(was_training)
+
+    def run_sampler(self, eps_fn, noise: torch.Tensor, *, steps: int, sampler: str, cfg: float, eta: float = 0.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise one block from `noise` with the process's DPM-Solver++(2M) or DDIM, CFG on ε in the 2B layout."""
+        if sampler == "dpm_solver_pp":
+            out = self.diffusion.dpm_solver_pp_2m(eps_fn, noise, steps, cfg=cfg)
+        else:
+            step_noise = None if generator is None else \
+                (lambda i: torch.randn(noise.shape, generator=generator, device=generator.device))
+            out = self.diffusion.ddim(eps_fn, noise, steps, eta=eta, cfg=cfg, step_noise=step_noise)
+        return out.sample
+
+    def sampling_cost(self, cfg: float, steps: int | None = None) -> dict[str, int]:
+        """Backbone passes per sampled batch: `steps` per block (one ε evaluation per DPM-Solver++/DDIM step) plus a
+        clean pass for every block but the last; each over K new tokens, 2B rows under CFG. No separate head.
+        `steps` defaults to that of the latest `sample` call (25 before any)."""
+        steps = self._last_steps if steps is None else steps
+        passes = self.num_blocks * steps + self.num_blocks - 1
+        return {"passes": passes, "backbone_passes": passes, "head_passes": 0,
+                "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
+
+    def network_evaluations(self, cfg: float, steps: int | None = None) -> int:
+        return self.sampling_cost(cfg, steps)["passes"]
