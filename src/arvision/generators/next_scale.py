@@ -1,0 +1,537 @@
+"""Next-scale prediction: VAR (multi-scale residual tokens), and FlexVAR's residual-free variant (`residual=False`).
+
+A schedule of K square token maps n_1 < … < n_K = side is generated coarse to fine, one whole scale per step:
+
+    sequence   [SOS]·n_1²  word_embed(input_2)  …  word_embed(input_K)       (L = Σ n_k² positions)
+    targets     idx_1       idx_2               …  idx_K
+
+SOS = class embedding + `pos_start`; every position adds its position embedding. Attention is block-causal over
+scales (a token sees its own scale and all coarser ones), so the logits at scale k depend only on the class and
+the inputs of scales ≤ k, and scale k's input is built from scales < k. Sampling runs one forward per scale with
+a KV cache: the new scale's n_k² queries may see every cached key and each other, so no mask is needed there.
+
+VAR (`residual=True`, tokenizer=msvq). The input of scale k+1 is the running f̂ = Σ_{j≤k} φ_j(up(codebook[idx_j]))
+area-downsampled to n_{k+1} (the tokenizer's `teacher_forcing_inputs` / `next_scale_input`, VAR's
+`idxBl_to_var_input`); the image decodes from all K maps. Positions: a learned level embedding per scale
+(`lvl_embed`) + a learned absolute table over all L positions (`pos_1LC`), so the schedule is fixed.
+
+FlexVAR (`residual=False`, tokenizer=vq). No residuals: scale k's tokens quantise the latent at n_k×n_k on its own,
+so every step is a whole image, and the image decodes from the last map (the (B, side, side) grid) alone. FlexVAR
+downsamples the continuous encoder latent; the token cache holds only indices, so here the *quantised* latent
+z_q = codebook[grid] is area-downsampled to n_k and re-quantised with the tokenizer's nearest-code rule (cosine for
+an l2-normalised codebook); the last scale is the grid itself. The input of scale k+1 is scale k's code map,
+bicubic-upsampled to n_{k+1} (FlexVAR's `encode_var_wo_firstL` and sampler). Positions: a learned P×P grid
+(P = 2·side, FlexVAR's sin/cos init) area-resized to each n_k, no level embedding, so any schedule works; training
+draws a random schedule per batch (FlexVAR's `gen_curr_patch_nums`, see `flexvar_schedule`) and sampling takes
+any `schedule` that starts at the trained first side and ends at the grid side.
+
+Blocks are VAR's `AdaLNSelfAttn`: LayerNorm without affine, modulated by the class vector (SiLU → Linear → γ1, γ2,
+scale1, scale2, shift1, shift2), x += γ1·Attn(LN(x)(1+s1)+b1), x += γ2·FFN(LN(x)(1+s2)+b2), tanh-GELU FFN (4×),
+stochastic depth; `shared_aln` (VAR-d36-s) shares one modulation Linear across blocks plus a per-block `ada_gss`.
+Attention has a bias-free fused qkv with learned q/v biases (k bias fixed at zero); `attn_l2_norm` makes q and k unit
+vectors and multiplies q by a learned per-head scale (log-parametrised, init ln 4, capped at ln 100), softmax scale
+1; otherwise the softmax scale is 0.25/√head_dim. The head is AdaLN (scale, shift) → Linear. Sizes follow VAR's rule
+width = 64·depth, heads = depth, drop_path = 0.1·depth/24 unless given. `init_weights` is VAR's.
+
+Training (`attention`): the block-causal mask is a FlexAttention BlockMask on CUDA ("auto"/"flex", compiled) and a
+dense boolean mask for SDPA otherwise; both are built once per (schedule, device) and cached.
+
+Class conditioning: labels go to the null class `num_classes` with probability `cond_drop_rate` in training mode
+(VAR drops labels in eval mode too; here eval logits are deterministic). The loss is the token-mean cross-entropy
+(VAR's 1/L weights); `loss()` also reports per-scale `loss_s{k}` / `acc_s{k}` (0-based k) on the default schedule,
+and `loss_last` / `acc_last` (the finest scale, VAR's "t" metrics) on every schedule.
+
+CFG (VAR's parametrisation, *not* LlamaGen's): guided logits (1 + t)·cond − t·uncond with t = cfg·k/(K − 1)
+("linear", VAR) or t = cfg ("constant"); cfg = 0 is unguided and runs only the B conditional rows, any other cfg
+runs conditional + null-class rows as one batch of 2B. VAR's FID setting is cfg 1.5, top_k 900, top_p 0.96.
+
+State-dict keys follow VAR (`class_emb`, `pos_start`, `pos_1LC`, `lvl_embed`, `word_embed`,
+`blocks.{i}.attn.mat_qkv`, `…attn.q_bias`, `…attn.scale_mul_1H11`, `…ffn.fc1`, `blocks.{i}.ada_lin.1`,
+`head_nm.ada_lin.1`, `head`); VAR's checkpoints also hold the buffers `lvl_1L` and `attn_bias_for_masking`, which
+are rebuilt here (load with strict=False). FlexVAR's `pos_1LC` is the 1×C×P×P grid, as here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from arvision.generators.base import Generator, require
+from arvision.generators.sampling import classifier_free_guidance, linear_cfg_schedule, sample_from_logits
+from arvision.nn.attention import KVCache, flex
+from arvision.nn.blocks import DropPath
+from arvision.nn.masks import (block_causal_mask, block_causal_mask_mod, flex_block_mask, is_block_mask, segment_ids,
+                               use_flex)
+from arvision.tokenizers.base import TokenSpec
+from arvision.tokenizers.quantize import nearest_code
+
+# VAR's 256-pixel schedule (16×16 latent); smaller latents use it truncated and ending at their side.
+VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+MASK_CACHE_SIZE = 64  # FlexVAR draws a schedule per batch: keep the masks of the most recent ones
+
+
+def var_schedule(side: int) -> tuple[int, ...]:
+    return tuple(n for n in VAR_PATCH_NUMS if n < side) + (side,)
+
+
+def check_schedule(schedule: Sequence[int], side: int) -> tuple[int, ...]:
+    schedule = tuple(int(n) for n in schedule)
+    if not schedule or schedule[0] < 1 or any(b <= a for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"a schedule must be strictly increasing positive sides, got {schedule}")
+    if schedule[-1] != side:
+        raise ValueError(f"a schedule must end at the token grid side {side}, got {schedule}")
+    return schedule
+
+
+def flexvar_schedule(default: Sequence[int], *, full_prob: float = 0.05,
+                     generator: torch.Generator | None = None) -> tuple[int, ...]:
+    """One random training schedule, FlexVAR's `gen_curr_patch_nums` generalised from side 16 to any side.
+
+    FlexVAR (side 16, K = 10): with p = 5% VAR's schedule; else [1, 2] + 5 distinct sides from 3..10 + 2 from 11..15
+    + [16]; then drop 1/2/3/4 intermediate scales with p 10/5/2/1%; then drop scales near the end until the tokens
+    fit VAR's 680. Generalised: the first two sides of `default` are kept, its K − 3 middle sides are drawn in the
+    same 5 : 2 proportion from the bands (n_2, ⌈11·side/16⌉) and [⌈11·side/16⌉, side), and the budget is the default
+    schedule's token count. Unlike FlexVAR's trimming (which may drop the last side), the schedule always ends at
+    the full grid, whose tokens are the ones decoded.
+    """
+    default = tuple(default)
+    side = default[-1]
+
+    def rand() -> float:
+        return torch.rand((), generator=generator).item()
+
+    def pick(choices: Sequence[int], k: int) -> list[int]:
+        order = torch.randperm(len(choices), generator=generator)[:k].tolist()
+        return [choices[i] for i in order]
+
+    if len(default) < 4 or rand() < full_prob:
+        return default
+    middle = len(default) - 3
+    split = max(default[1] + 1, math.ceil(11 * side / 16))
+    low, high = list(range(default[1] + 1, split)), list(range(split, side))
+    n_high = min(len(high), round(middle * 2 / 7))
+    n_low = min(len(low), middle - n_high)
+    n_high = min(len(high), middle - n_low)  # a narrow low band hands its share to the high one
+    schedule = list(default[:2]) + sorted(pick(low, n_low) + pick(high, n_high)) + [side]
+    x = rand()
+    for threshold in (0.9, 0.95, 0.98, 0.99):  # scale dropping: intermediate sides only, never the first two
+        if x > threshold and len(schedule) > 3:
+            schedule.pop(2 + pick(range(len(schedule) - 3), 1)[0])
+    budget = sum(n * n for n in default)
+    while sum(n * n for n in schedule) > budget and len(schedule) > 3:
+        first = max(2, len(schedule) - 4)
+        schedule.pop(first + pick(range(len(schedule) - 1 - first), 1)[0])
+    return tuple(schedule)
+
+
+# ------------------------------------------------------------------------------------------------- VAR's layers
+class FFN(nn.Module):
+    """VAR's MLP: fc1 → tanh-GELU → fc2 (with biases)."""
+
+    def __init__(self, dim: int, hidden: int, *, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class SelfAttention(nn.Module):
+    """VAR's attention: fused qkv without bias plus learned q/v biases, optional l2-normalised q/k."""
+
+    def __init__(self, dim: int, heads: int, *, l2_norm: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads must divide dim, got dim={dim} heads={heads}")
+        self.heads, self.head_dim, self.l2_norm = heads, dim // heads, l2_norm
+        if l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.attn_drop = attn_drop
+
+    def forward(self, x: torch.Tensor, *, attn_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, L, dim) → (B, L, dim); `attn_mask` a dense bool mask (True = may attend) or a BlockMask."""
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        q, k, v = rearrange(F.linear(x, self.mat_qkv.weight, bias), "b l (s h d) -> s b h l d", s=3, h=self.heads)
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            k = F.normalize(k, dim=-1)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        # Both kernels apply 1/√head_dim; fold VAR's own softmax scale into q so SDPA and flex agree.
+        q = q * (self.scale * math.sqrt(self.head_dim))
+        if is_block_mask(attn_mask):
+            out = flex(q, k, v, attn_mask, enable_gqa=False)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(rearrange(out, "b h l d -> b l (h d)")))
+
+
+class SharedAdaLin(nn.Linear):
+    """VAR-d36-s: one modulation Linear for every block, output (B, 1, 6, C)."""
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return rearrange(super().forward(cond), "b (s c) -> b 1 s c", s=6)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """VAR's block: affine-free LayerNorm modulated by the class vector, γ-gated attention and FFN branches."""
+
+    def __init__(self, dim: int, cond_dim: int, heads: int, *, mlp_ratio: float = 4.0, shared_aln: bool = False,
+                 attn_l2_norm: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.dim, self.shared_aln = dim, shared_aln
+        self.attn = SelfAttention(dim, heads, l2_norm=attn_l2_norm, attn_drop=attn_drop, proj_drop=drop)
+        self.ffn = FFN(dim, round(dim * mlp_ratio), drop=drop)
+        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path)
+        if shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / dim ** 0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, *, attn_mask=None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """`cond`: the class vector (B, D), or with shared_aln the shared modulation (B, 1, 6, C)."""
+        mod = self.ada_gss + cond if self.shared_aln else rearrange(self.ada_lin(cond), "b (s c) -> b 1 s c", s=6)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
+        h = self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, attn_mask=attn_mask, cache=cache)
+        x = x + self.drop_path(h * gamma1)
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2) * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, dim: int, cond_dim: int, *, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.ln_wo_grad = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = rearrange(self.ada_lin(cond), "b (s c) -> s b 1 c", s=2)
+        return self.ln_wo_grad(x) * (1 + scale) + shift
+
+
+def sincos_grid(dim: int, size: int) -> torch.Tensor:
+    """FlexVAR's position-grid init (1, dim, size, size): sin(row·ω) on even channels, cos(col·ω) on odd ones."""
+    omega = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
+    coords = torch.arange(size, dtype=torch.float32)
+    grid = torch.zeros(dim, size, size)
+    grid[0::2] = torch.sin(coords[None, :, None] * omega[:, None, None]).expand(-1, size, size)
+    grid[1::2] = torch.cos(coords[None, None, :] * omega[:, None, None]).expand(-1, size, size)
+    return grid[None]
+
+
+# ------------------------------------------------------------------------------------------------- the generator
+class NextScaleGenerator(Generator):
+    def __init__(self, *, spec: TokenSpec, num_classes: int, depth: int = 16, dim: int | None = None,
+                 heads: int | None = None, drop_path: float | None = None, mlp_ratio: float = 4.0,
+                 drop: float = 0.0, attn_drop: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
+                 attn_l2_norm: bool = True, cond_drop_rate: float = 0.1, init_adaln: float = 0.5,
+                 init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float | None = None,
+                 residual: bool = True, scales: Sequence[int] | None = None, random_schedules: bool = True,
+                 full_schedule_prob: float = 0.05, pos_grid: int | None = None, attention: str = "auto") -> None:
+        super().__init__()
+        if residual:
+            require(spec, generator="next_scale", ok=spec.kind == "discrete" and spec.layout == "scales",
+                    needs="a multi-scale tokenizer (tokenizer=msvq) or residual=false with tokenizer=vq")
+        else:
+            require(spec, generator="next_scale",
+                    ok=spec.kind == "discrete" and spec.layout == "grid" and spec.grid[0] == spec.grid[1],
+                    needs="a square single-grid VQ tokenizer (tokenizer=vq) with residual=false (FlexVAR), "
+                          "or residual=true with tokenizer=msvq")
+        use_flex(attention, "cpu")  # validates the switch
+        assert spec.vocab_size is not None  # guaranteed for discrete specs
+        self.spec, self.num_classes, self.residual = spec, num_classes, residual
+        self.side = spec.grid[0]
+        if residual:
+            if scales is not None and tuple(scales) != tuple(spec.scales):
+                raise ValueError(f"VAR mode uses the tokenizer's scales {spec.scales}, got scales={tuple(scales)}")
+            self.scales = tuple(spec.scales)
+        else:
+            self.scales = check_schedule(var_schedule(self.side) if scales is None else scales, self.side)
+        self.random_schedules, self.full_schedule_prob = random_schedules and not residual, full_schedule_prob
+        self.attention = attention
+        self.depth = depth
+        self.dim = dim = dim or 64 * depth  # VAR's size rule
+        heads = heads or depth
+        drop_path = 0.1 * depth / 24 if drop_path is None else drop_path
+        self.cond_drop_rate = cond_drop_rate
+        first = self.scales[0] ** 2
+
+        self.word_embed = nn.Linear(spec.dim, dim)
+        self.class_emb = nn.Embedding(num_classes + 1, dim)  # row num_classes = the null class (CFG)
+        self.pos_start = nn.Parameter(torch.zeros(1, first, dim))
+        std = math.sqrt(1 / dim / 3) if init_std is None else init_std
+        if residual:
+            self.pos_1LC = nn.Parameter(torch.zeros(1, spec.num_tokens, dim))
+            self.lvl_embed = nn.Embedding(len(self.scales), dim)
+            nn.init.trunc_normal_(self.pos_1LC, std=std)
+        else:
+            self.pos_1LC = nn.Parameter(sincos_grid(dim, pos_grid or 2 * self.side))
+        nn.init.trunc_normal_(self.pos_start, std=std)
+
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(dim, 6 * dim)) if shared_aln else nn.Identity()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic depth, as VAR
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(dim, dim, heads, mlp_ratio=mlp_ratio, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
+                          drop=drop, attn_drop=attn_drop, drop_path=rate, norm_eps=norm_eps) for rate in rates)
+        self.head_nm = AdaLNBeforeHead(dim, dim, norm_eps=norm_eps)
+        self.head = nn.Linear(dim, spec.vocab_size)
+        self.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head, std=std)
+        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    @torch.no_grad()
+    def init_weights(self, *, init_adaln: float, init_adaln_gamma: float, init_head: float, std: float) -> None:
+        """VAR's `init_weights`: trunc-normal Linear/Embedding, residual outputs ÷ √(2·depth), near-identity AdaLN
+        gates (γ rows × init_adaln_gamma, scale/shift rows × init_adaln) and a small head (× init_head)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        self.head.weight.mul_(init_head)
+        self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.zero_()
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * len(self.blocks)))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * len(self.blocks)))
+            if block.shared_aln:
+                block.ada_gss[:, :, 2:].mul_(init_adaln)
+                block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+            else:
+                lin = block.ada_lin[-1]
+                lin.weight[2 * self.dim:].mul_(init_adaln)
+                lin.weight[:2 * self.dim].mul_(init_adaln_gamma)
+                lin.bias.zero_()
+
+    # --- schedules, positions, masks --------------------------------------------------------------------------
+
+    def check_schedule(self, schedule: Sequence[int] | None) -> tuple[int, ...]:
+        if schedule is None:
+            return self.scales
+        schedule = check_schedule(schedule, self.side)
+        if self.residual and schedule != self.scales:
+            raise ValueError(f"VAR mode (residual=true) samples the tokenizer's scales {self.scales}; "
+                             f"any schedule needs residual=false (FlexVAR), got {schedule}")
+        if schedule[0] != self.scales[0]:
+            raise ValueError(f"a schedule must start at the trained first side {self.scales[0]}, got {schedule}")
+        return schedule
+
+    def training_schedule(self) -> tuple[int, ...]:
+        """The schedule of one training batch: random (FlexVAR) in training mode, else the default one."""
+        if self.training and self.random_schedules:
+            return flexvar_schedule(self.scales, full_prob=self.full_schedule_prob)
+        return self.scales
+
+    def positions(self, schedule: tuple[int, ...]) -> torch.Tensor:
+        """Position embeddings (1, L, dim) of every token of `schedule` (VAR: + level embedding)."""
+        if self.residual:
+            levels = segment_ids([n * n for n in schedule], device=self.pos_1LC.device)
+            return self.pos_1LC + self.lvl_embed(levels)[None]
+        grids = [F.interpolate(self.pos_1LC, size=(n, n), mode="area") for n in schedule]
+        return torch.cat([rearrange(g, "1 c h w -> 1 (h w) c") for g in grids], dim=1)
+
+    def attn_mask(self, schedule: tuple[int, ...], device: torch.device):
+        """The block-causal mask of `schedule`: a BlockMask when flex is in use on `device`, else dense bool."""
+        kind = "flex" if use_flex(self.attention, device) else "dense"
+        key = (schedule, str(device), kind)
+        if key not in self._masks:
+            lengths = [n * n for n in schedule]
+            if kind == "flex":
+                length = sum(lengths)
+                mask = flex_block_mask(block_causal_mask_mod(segment_ids(lengths, device=device)), length, length,
+                                       device=device)
+            else:
+                mask = block_causal_mask(lengths, device=device)
+            self._masks[key] = mask
+            while len(self._masks) > MASK_CACHE_SIZE:
+                self._masks.popitem(last=False)
+        self._masks.move_to_end(key)
+        return self._masks[key]
+
+    # --- tokens → teacher-forcing inputs and targets -------------------------------------------------------------
+
+    def quantized_scales(self, grid: torch.Tensor, schedule: tuple[int, ...]) -> tuple[list[torch.Tensor],
+                                                                                      list[torch.Tensor]]:
+        """FlexVAR mode: the grid tokens (B, side, side) → per-scale indices (B, n, n) and code maps (B, C, n, n).
+
+        Each scale re-quantises the area-downsampled quantised latent on its own (no residual); the last is the grid.
+        """
+        quantize = self.tokenizer_on(grid.device).quantize
+        with torch.autocast(device_type=grid.device.type, enabled=False):
+            codebook = quantize.codebook().float()  # l2-normalised rows when the tokenizer uses cosine lookup
+            z_q = rearrange(codebook[grid], "b h w c -> b c h w")
+            indices, codes = [], []
+            for n in schedule:
+                if n == self.side:
+                    idx, code = grid, z_q
+                else:
+                    z = F.interpolate(z_q, size=(n, n), mode="area")
+                    flat = rearrange(z, "b c h w -> (b h w) c")
+                    if quantize.l2_norm:
+                        flat = F.normalize(flat, dim=-1)
+                    idx = nearest_code(flat, codebook).view(grid.shape[0], n, n)
+                    code = rearrange(codebook[idx], "b h w c -> b c h w")
+                indices.append(idx)
+                codes.append(code)
+        return indices, codes
+
+    def flex_input(self, code: torch.Tensor, n: int) -> torch.Tensor:
+        """Scale k's code map (B, C, n_k, n_k) → the input tokens of the next scale (B, n², C): bicubic (FlexVAR)."""
+        with torch.autocast(device_type=code.device.type, enabled=False):
+            return rearrange(F.interpolate(code.float(), size=(n, n), mode="bicubic"), "b c h w -> b (h w) c")
+
+    def teacher_forcing(self, tokens, schedule: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens → (inputs of scales 2..K (B, L − n_1², code_dim) fp32, targets (B, L))."""
+        if self.residual:
+            if len(tokens) != len(self.scales):
+                raise ValueError(f"expected {len(self.scales)} token maps for scales {self.scales}, got {len(tokens)}")
+            inputs = self.tokenizer_on(tokens[0].device).teacher_forcing_inputs(tokens)
+            targets = torch.cat([t.flatten(1) for t in tokens], dim=1)
+            return inputs, targets
+        indices, codes = self.quantized_scales(tokens, schedule)
+        inputs = [self.flex_input(code, n) for code, n in zip(codes[:-1], schedule[1:])]
+        targets = torch.cat([i.flatten(1) for i in indices], dim=1)
+        if not inputs:
+            return codes[0].new_zeros(tokens.shape[0], 0, self.spec.dim), targets
+        return torch.cat(inputs, dim=1), targets
+
+    # --- the network -----------------------------------------------------------------------------------------------
+
+    def condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class vectors (B, dim), with label dropout to the null class in training mode."""
+        if self.training and self.cond_drop_rate > 0:
+            dropped = torch.rand(labels.shape, device=labels.device) < self.cond_drop_rate
+            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return self.class_emb(labels)
+
+    def start_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """SOS: the class vector + pos_start, one per token of the first scale (B, n_1², dim)."""
+        return cond[:, None] + self.pos_start
+
+    def run(self, x: torch.Tensor, cond: torch.Tensor, *, attn_mask=None,
+            caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Embedded tokens (B, l, dim) → logits (B, l, vocab) fp32."""
+        mod = self.shared_ada_lin(cond)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mod, attn_mask=attn_mask, cache=None if caches is None else caches[i])
+        return self.head(self.head_nm(x.float(), cond)).float()
+
+    def logits(self, inputs: torch.Tensor, labels: torch.Tensor, schedule: tuple[int, ...]) -> torch.Tensor:
+        """Teacher-forced logits (B, L, vocab) from the inputs of scales 2..K."""
+        cond = self.condition(labels)
+        x = torch.cat([self.start_tokens(cond), self.word_embed(inputs.float())], dim=1)
+        x = x + self.positions(schedule)
+        return self.run(x, cond, attn_mask=self.attn_mask(schedule, x.device))
+
+    def forward(self, tokens, labels: torch.Tensor, *, schedule: Sequence[int] | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, L, vocab); scale k's logits depend on the class and scales < k only."""
+        schedule = self.check_schedule(schedule)
+        inputs, _ = self.teacher_forcing(tokens, schedule)
+        return self.logits(inputs, labels, schedule)
+
+    def loss(self, tokens, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        schedule = self.training_schedule()
+        inputs, targets = self.teacher_forcing(tokens, schedule)
+        logits = self.logits(inputs, labels, schedule)
+        per_token = F.cross_entropy(rearrange(logits, "b l v -> b v l"), targets, reduction="none")
+        correct = (logits.argmax(dim=-1) == targets).float()
+        out = {"loss": per_token.mean(), "accuracy": correct.mean().detach()}
+        last = schedule[-1] ** 2
+        out["loss_last"], out["acc_last"] = per_token[:, -last:].mean().detach(), correct[:, -last:].mean()
+        if schedule == self.scales:
+            start = 0
+            for k, n in enumerate(schedule):
+                out[f"loss_s{k}"] = per_token[:, start:start + n * n].mean().detach()
+                out[f"acc_s{k}"] = correct[:, start:start + n * n].mean()
+                start += n * n
+        return out
+
+    # --- sampling ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def guidance(cfg: float, k: int, num_steps: int, cfg_schedule: str) -> float:
+        """VAR's t at step k of K: cfg·k/(K − 1) ("linear") or cfg ("constant"); logits (1 + t)·c − t·u."""
+        if cfg_schedule == "linear":
+            return linear_cfg_schedule(cfg, k, num_steps)
+        if cfg_schedule == "constant":
+            return cfg
+        raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+
+    @torch.inference_mode()
+    def sample(self, labels: torch.Tensor, *, cfg: float = 0.0, generator: torch.Generator | None = None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_schedule: str = "linear",
+               schedule: Sequence[int] | None = None):
+        """Sample for `labels` (B,): VAR mode → list of K maps (B, n_k, n_k); FlexVAR mode → the grid (B, side, side).
+
+        One forward per scale over only that scale's tokens, against per-block KV caches. cfg ≠ 0 runs the
+        conditional and null-class rows as one batch of 2B (see the module docstring for the parametrisation).
+        `schedule` (FlexVAR mode) may differ from the trained one, in sides and in number of steps.
+        """
+        schedule = self.check_schedule(schedule)
+        self.guidance(cfg, 0, len(schedule), cfg_schedule)  # validates the schedule name before any work
+        was_training = self.training
+        self.eval()
+        try:
+            guided = cfg != 0.0
+            b = labels.shape[0]
+            rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+            cond = self.class_emb(rows)
+            positions = self.positions(schedule)
+            caches = [KVCache(positions.shape[1]) for _ in self.blocks]
+            tokenizer = self.tokenizer_on(labels.device)
+            x = self.start_tokens(cond) + positions[:, :schedule[0] ** 2]
+            maps, f_hat, start = [], None, 0
+            for k, n in enumerate(schedule):
+                logits = self.run(x, cond, caches=caches)
+                if guided:
+                    t = self.guidance(cfg, k, len(schedule), cfg_schedule)
+                    logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u
+                idx = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         generator=generator)
+                maps.append(rearrange(idx, "b (h w) -> b h w", h=n))
+                start += n * n
+                if k + 1 == len(schedule):
+                    break
+                nxt = schedule[k + 1]
+                if self.residual:
+                    f_hat, inputs = tokenizer.next_scale_input(k, f_hat, idx)
+                else:
+                    code = rearrange(tokenizer.quantize.codebook()[idx], "b (h w) c -> b c h w", h=n)
+                    inputs = self.flex_input(code, nxt)
+                x = self.word_embed(inputs.float()) + positions[:, start:start + nxt * nxt]
+                if guided:
+                    x = torch.cat([x, x])
+            return maps if self.residual else maps[-1]
+        finally:
+            self.train(was_training)
+
+    def sampling_cost(self, cfg: float) -> dict[str, int]:
+        """Forward passes per sampled batch (one per scale of the default schedule) and the rows each pass runs as
+        a multiple of the batch size: 2 under CFG, which in VAR's parametrisation is any cfg ≠ 0."""
+        return {"passes": len(self.scales), "rows_per_pass_factor": 2 if cfg != 0.0 else 1}
+
+    def network_evaluations(self, cfg: float) -> int:
+        """K forward passes per sampled batch (the default schedule), whatever the CFG."""
+        return len(self.scales)
