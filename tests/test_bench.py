@@ -1,0 +1,84 @@
+"""arvision-bench: runs on the CPU at CI sizes and reports consistent numbers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from arvision import bench
+from arvision.cli.bench import resolve_device, run
+from arvision.cli.common import config_dir
+from arvision.generators import RasterGenerator
+from arvision.tokenizers.base import TokenSpec
+from tests.conftest import cli_env
+
+
+def compose_bench(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=["bench_preset=cpu_tiny", *overrides])
+    with open_dict(cfg):
+        cfg.out = "unused.json"
+    return cfg
+
+
+def test_bench_reports_training_and_sampling_with_and_without_cfg():
+    result = run(compose_bench())
+    assert result["device"].startswith("cpu") and result["precision"] == "fp32"
+    train = result["train"]
+    assert train["img_per_s"] > 0 and train["repeats"] == 2 and train["peak_rss_mib"] > 0
+    assert train["mfu"] is None  # no peak FLOP/s is claimed for a CPU
+    for key, cfg in (("sample_cfg", 2.0), ("sample_no_cfg", 1.0)):
+        s = result[key]
+        assert s["cfg"] == cfg and s["network_evaluations"] == 8 * 8
+        # decode is timed apart: including it can only lower the throughput
+        assert 0 < s["img_per_s_decode_included"] < s["img_per_s_decode_excluded"]
+    assert result["sample_cfg"]["sampling_cost"]["rows_per_pass_factor"] == 2
+
+
+def test_training_flops_count_at_least_the_transformer_matmuls():
+    """FlopCounterMode's count of one training step ≥ 6 · (linear weights) · tokens (fwd 2, bwd 4 per weight)."""
+    spec = TokenSpec(name="vq", kind="discrete", layout="grid", grid=(4, 4), dim=8, vocab_size=64)
+    model = RasterGenerator(spec=spec, num_classes=10, dim=64, depth=2, heads=4)
+    tokens = bench.random_tokens(spec, 8, torch.device("cpu"), torch.Generator().manual_seed(0))
+    labels = torch.zeros(8, dtype=torch.long)
+    flops = bench.count_training_flops(model, tokens, labels, torch.device("cpu"), "fp32")
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops >= 6 * linear * 8 * 16 * 0.99
+    assert flops <= 6 * linear * 8 * 16 * 2  # attention and norms add a little, not a multiple
+
+
+@pytest.mark.parametrize("layout", ["grid", "depth", "scales", "continuous"])
+def test_random_tokens_follow_the_spec(layout):
+    kind = "continuous" if layout == "continuous" else "discrete"
+    spec = TokenSpec(name="x", kind=kind, layout="grid" if layout == "continuous" else layout, grid=(4, 4), dim=3,
+                     vocab_size=None if kind == "continuous" else 7, depth=2 if layout == "depth" else 1,
+                     scales=(1, 2, 4) if layout == "scales" else ())
+    tokens = bench.random_tokens(spec, 5, torch.device("cpu"), torch.Generator().manual_seed(0))
+    if layout == "scales":
+        assert [t.shape for t in tokens] == [(5, n, n) for n in (1, 2, 4)]
+    elif layout == "continuous":
+        assert tokens.shape == (5, 3, 4, 4) and tokens.dtype == torch.float32
+    else:
+        assert tokens.shape == ((5, 4, 4, 2) if layout == "depth" else (5, 4, 4)) and tokens.max() < 7
+
+
+def test_cli_writes_json_and_prints_the_table(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "arvision.cli.bench", "bench_preset=cpu_tiny", "skip_sampling=true",
+                         f"out={tmp_path / 'b.json'}", f"hydra.run.dir={tmp_path}"],
+                        capture_output=True, text=True, env=cli_env(tmp_path), timeout=240)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "b.json").exists() and "train img/s" in ok.stdout
+
+
+def test_a_missing_gpu_is_refused_with_what_to_do(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="use device=cpu"):
+        resolve_device(compose_bench("device=cuda"))
+    assert resolve_device(compose_bench()) == (torch.device("cpu"), "fp32")
