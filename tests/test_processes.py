@@ -31,6 +31,9 @@ def test_flow_path_endpoints_and_velocity() -> None:
     t = torch.tensor([0.0, 0.25, 1.0])
     xt = FLOW.add_noise(x0, eps, t)
     torch.testing.assert_close(xt[1], 0.75 * x0[1] + 0.25 * eps[1])
+    per_token = torch.rand(3, 4)  # per-token times (B, L) broadcast over the trailing dims of x (B, L, …)
+    torch.testing.assert_close(FLOW.add_noise(x0, eps, per_token),
+                               (1 - per_token[..., None, None]) * x0 + per_token[..., None, None] * eps)
     # the target is the time derivative of the path
     h = 1e-3
     deriv = (FLOW.add_noise(x0, eps, 0.5 + h) - FLOW.add_noise(x0, eps, 0.5 - h)) / (2 * h)

@@ -55,9 +55,10 @@ class Sampled(NamedTuple):
 
 
 def _per_sample(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) time/coefficient → broadcastable against x (B, …)."""
+    """A scalar, (B,) or leading-dims (B, n, …) time/coefficient → broadcastable against x (B, …) by trailing ones
+    (per-token times: t (B, L) against x (B, L, C))."""
     t = torch.as_tensor(t, device=x.device)
-    return t.reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t
+    return t.reshape(*t.shape, *([1] * (x.ndim - t.ndim))) if t.ndim else t
 
 
 def mse_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,428 @@
+"""FlowAR (Ren et al., 2024): next-scale autoregression over continuous VAE latents with a flow-matching head.
+
+Scales. The latent (B, C, h, h) is modelled as a pyramid of K maps with sides `scales` (default 1, 2, 4, …, h),
+each obtained by area-downsampling the finest latent (FlowAR's coarse scales are not re-encoded images). Token
+order: scale by scale, raster order within a scale; L = Σ s_k² positions.
+
+AR backbone (FlowAR's MAR-style "encoder" + "decoder" stacks, here one stack of `depth` blocks: theirs are two
+stacks at the same width joined by a linear layer and a second position table, i.e. depth = 2·their depth).
+The input at slot 0 is the class embedding (it "predicts" the 1×1 scale); the inputs of scale k + 1 are the
+scale-k latent (ground truth in training, the sample at inference) bicubic-upsampled to h×h, area-downsampled
+to s_{k+1}, and linearly projected to the width. Positions: a learned table over all L slots and/or 2-D RoPE
+with per-scale coordinates normalised to the finest grid (index i of a side-s scale sits at i·h/s, FlowAR's
+`VisionRotaryEmbeddingFast`). Blocks: RMSNorm (no affine) → attention → SwiGLU, each modulated by a *global*
+adaLN (shift, scale, gate) from the class embedding. Attention is block-causal over scales (a scale sees itself
+and every coarser scale), one pass in training; at sampling each scale is one pass over only its new tokens
+against per-layer KV caches (exact: no position attends to a later scale).
+
+Flow head. The backbone output z_i of every position conditions a rectified-flow velocity model for that
+position's latent (`nn/processes.py`: x_t = (1 − t)·x0 + t·ε, v = ε − x0, t = 1 is noise; FlowAR's code
+convention, its paper flips t). Two kinds (`head`):
+- `spatial` (FlowAR's `SimpleTransformerAdaLN` with `Block_v1`): a small transformer over all tokens of one
+  scale (2-D RoPE on the same normalised coordinates) whose blocks are modulated *per token* by
+  MLP(SiLU(cond_embed(z_i) + t_emb)) — "spatial adaLN". In training all scales go through one call with a
+  block-diagonal mask (tokens attend within their own scale only), which equals K separate calls.
+- `mlp` (MAR's `SimpleMLPAdaLN`): residual MLP blocks with adaLN from t_emb + cond_embed(z_i); tokens do not
+  interact, all spatial coupling comes from the backbone.
+t is drawn once per (image, scale) and shared by its tokens; the head embeds floor(1000·t). The loss is FlowAR's:
+Σ_k MSE_k · n_k / n_K (n_k = tokens of scale k), i.e. every token counts equally, normalised by the finest scale.
+`head_batch_mul` > 1 repeats the head's part of the batch with fresh t and noise (MAR's `diffusion_batch_mul`).
+The head and the loss run in fp32 with autocast off (FlowAR trains in fp32/TF32 and reports NaNs otherwise).
+
+Sampling, per scale k: one cached backbone pass, then Euler (or Heun / Euler–Maruyama) from t = 1 to 0 on FlowAR's
+non-uniform grid (or a uniform one) with classifier-free guidance on the velocity, uncond + w_k·(cond − uncond):
+w_k ramps linearly from 1 at the first scale to `cfg` at the last (FlowAR; `cfg_schedule=constant` keeps `cfg`),
+and is applied only while t ≤ guidance_high (FlowAR: 0.9 for S/L, 0.7 for H). Under CFG the backbone runs
+conditional and null-class rows as one batch of 2B; the sampled latent feeds both halves' next input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from arvision.generators.base import Generator, require
+from arvision.generators.sampling import linear_cfg_schedule
+from arvision.nn.attention import Attention, KVCache
+from arvision.nn.blocks import FeedForward, LabelEmbedding, swiglu_hidden
+from arvision.nn.masks import block_causal_mask, block_causal_mask_mod, flex_block_mask, segment_ids, use_flex
+from arvision.nn.norm import RMSNorm
+from arvision.nn.processes import RectifiedFlow
+from arvision.nn.rope import rope_2d
+from arvision.tokenizers.base import TokenSpec
+
+HEADS = ("spatial", "mlp")
+POSITIONS = ("both", "learned", "rope")
+CFG_SCHEDULES = ("linear", "constant")
+
+
+def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm without affine weights (FlowAR's pre-adaLN norm), computed in fp32."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def scale_positions(scales: Sequence[int], side: int) -> torch.Tensor:
+    """(L, 2) RoPE coordinates of every position, scale by scale: index i of a side-s map sits at i·side/s."""
+    rows, cols = [], []
+    for s in scales:
+        coord = torch.arange(s, dtype=torch.float64) * side / s
+        r, c = torch.meshgrid(coord, coord, indexing="ij")
+        rows.append(r.flatten())
+        cols.append(c.flatten())
+    return torch.stack([torch.cat(rows), torch.cat(cols)], dim=-1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """DiT/MAR sinusoidal embedding of (possibly fractional) times t (...,) → (..., dim): [cos, sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+# --- the AR backbone ------------------------------------------------------------------------------------------------
+
+
+class ARBlock(nn.Module):
+    """FlowAR's backbone block: global adaLN (6·d from the class embedding) around attention and SwiGLU."""
+
+    def __init__(self, dim: int, heads: int, *, ffn_hidden: int | None, dropout: float, norm_eps: float) -> None:
+        super().__init__()
+        self.norm_eps = norm_eps
+        self.attention = Attention(dim, heads, resid_dropout=dropout)
+        self.feed_forward = FeedForward(dim, ffn_hidden or swiglu_hidden(dim), dropout=dropout)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, *, rope: torch.Tensor | None,
+                cache: KVCache | None = None, attn_mask=None) -> torch.Tensor:
+        gate1, gate2, scale1, scale2, shift1, shift2 = self.ada_lin(cond)[:, None].chunk(6, dim=-1)
+        h = modulate(rms(x, self.norm_eps), shift1, scale1)
+        x = x + gate1 * self.attention(h, rope=rope, cache=cache, attn_mask=attn_mask)
+        h = modulate(rms(x, self.norm_eps), shift2, scale2)
+        return x + gate2 * self.feed_forward(h)
+
+
+# --- the flow heads ---------------------------------------------------------------------------------------------------
+
+
+class SpatialAdaLNBlock(nn.Module):
+    """FlowAR's head block (`Block_v1`): attention and SwiGLU, both modulated per token from SiLU(c_i + t)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attention = Attention(width, heads)
+        self.feed_forward = FeedForward(width, swiglu_hidden(width))
+        self.ada_lin = nn.Linear(width, 6 * width)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, *, rope: torch.Tensor | None, attn_mask=None) -> torch.Tensor:
+        gate1, gate2, scale1, scale2, shift1, shift2 = self.ada_lin(F.silu(mod)).chunk(6, dim=-1)
+        x = x + gate1 * self.attention(modulate(rms(x), shift1, scale1), rope=rope, attn_mask=attn_mask)
+        return x + gate2 * self.feed_forward(modulate(rms(x), shift2, scale2))
+
+
+class MLPAdaLNBlock(nn.Module):
+    """MAR's head block (`ResBlock`): LayerNorm → adaLN → Linear-SiLU-Linear → gated residual."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada_lin = nn.Linear(width, 3 * width)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, **_) -> torch.Tensor:
+        shift, scale, gate = self.ada_lin(F.silu(mod)).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class FlowHead(nn.Module):
+    """Velocity model v(x_t, t, z): x (N, n, C), t (N, n) embedding inputs, z (N, n, dim) → (N, n, C).
+
+    `spatial`: tokens of a row interact through RoPE attention (restricted by `attn_mask`); `mlp`: per token.
+    """
+
+    def __init__(self, *, kind: str, channels: int, cond_dim: int, width: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(channels, width)
+        if kind == "spatial":
+            self.blocks = nn.ModuleList(SpatialAdaLNBlock(width, heads) for _ in range(depth))
+            self.final_norm: nn.Module = nn.RMSNorm(width, eps=1e-6, elementwise_affine=False)
+        else:
+            self.blocks = nn.ModuleList(MLPAdaLNBlock(width) for _ in range(depth))
+            self.final_norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.final_ada = nn.Linear(width, 2 * width)
+        self.output = nn.Linear(width, channels)
+        self.initialize()
+
+    def initialize(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.kind == "mlp":  # MAR zero-initialises every adaLN; FlowAR only the output layer
+            for block in self.blocks:
+                nn.init.zeros_(block.ada_lin.weight)
+            nn.init.zeros_(self.final_ada.weight)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, *, rope: torch.Tensor | None = None,
+                attn_mask=None) -> torch.Tensor:
+        mod = self.cond_embed(z) + self.time_embed(t)  # per token: its own condition plus its time
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, mod, rope=rope, attn_mask=attn_mask)
+        shift, scale = self.final_ada(F.silu(mod)).chunk(2, dim=-1)
+        return self.output(modulate(self.final_norm(h), shift, scale))
+
+
+# --- the generator ----------------------------------------------------------------------------------------------------
+
+
+class FlowARGenerator(Generator):
+    def __init__(self, *, spec: TokenSpec, num_classes: int, scales: Sequence[int] | None = None, dim: int = 256,
+                 depth: int = 4, heads: int = 4, ffn_hidden: int | None = None, dropout: float = 0.0,
+                 class_dropout: float = 0.1, positions: str = "both", rope_base: float = 10000.0,
+                 norm_eps: float = 1e-6, head: str = "spatial", head_width: int = 256, head_depth: int = 2,
+                 head_heads: int = 4, head_batch_mul: int = 1, discrete_time: bool = True,
+                 attention: str = "auto") -> None:
+        super().__init__()
+        require(spec, generator="flowar", ok=spec.kind == "continuous" and spec.layout == "grid",
+                needs="a continuous tokenizer (tokenizer=vae)")
+        side = spec.grid[0]
+        if spec.grid[1] != side:
+            raise ValueError(f"flowar needs a square latent grid, got {spec.grid}")
+        scales = list(scales) if scales is not None else [2**k for k in range(int(math.log2(side)) + 1)]
+        if scales[-1] != side or any(a >= b for a, b in zip(scales, scales[1:])) or scales[0] < 1:
+            raise ValueError(f"scales must increase and end at the latent side {side}, got {scales}")
+        if scales[0] != 1:
+            raise ValueError(f"the first scale is the class slot's single token, so it must be 1, got {scales}")
+        for name, value, allowed in [("head", head, HEADS), ("positions", positions, POSITIONS)]:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        use_flex(attention, "cpu")  # validates the switch
+        self.spec, self.num_classes = spec, num_classes
+        self.scales, self.side, self.channels = scales, side, spec.dim
+        self.lengths = [s * s for s in scales]
+        self.offsets = [sum(self.lengths[:k]) for k in range(len(scales) + 1)]
+        self.seq_len = self.offsets[-1]
+        self.head_kind, self.head_batch_mul, self.attention_mode = head, head_batch_mul, attention
+        self.process = RectifiedFlow(discrete_time=discrete_time)
+
+        self.cls_embedding = LabelEmbedding(num_classes, dim, dropout=class_dropout)
+        self.z_proj = nn.Linear(spec.dim, dim)
+        self.z_proj_ln = RMSNorm(dim, eps=norm_eps)
+        learned = positions in ("both", "learned")
+        self.pos_embed = nn.Parameter(torch.zeros(self.seq_len, dim)) if learned else None
+        self.head_pos_embed = nn.Parameter(torch.zeros(self.seq_len, dim)) if learned else None
+        self.layers = nn.ModuleList(ARBlock(dim, heads, ffn_hidden=ffn_hidden, dropout=dropout, norm_eps=norm_eps)
+                                    for _ in range(depth))
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.head = FlowHead(kind=head, channels=spec.dim, cond_dim=dim, width=head_width, depth=head_depth,
+                             heads=head_heads)
+
+        coords = scale_positions(scales, side)
+        use_rope = positions in ("both", "rope")
+        self.register_buffer("rope", rope_2d(coords, dim // heads, base=rope_base) if use_rope else None,
+                             persistent=False)
+        self.register_buffer("head_rope", rope_2d(coords, head_width // head_heads, base=rope_base)
+                             if head == "spatial" else None, persistent=False)
+        seg = segment_ids(self.lengths)
+        self.register_buffer("segments", seg, persistent=False)
+        self.register_buffer("ar_mask", block_causal_mask(self.lengths), persistent=False)
+        self.register_buffer("head_mask", seg[:, None] == seg[None, :], persistent=False)  # block-diagonal
+        self._flex_masks: dict[str, tuple] = {}
+        # settings of the latest `sample` call: the evaluation asks network_evaluations(cfg) after sampling
+        self._last_sampling: dict[str, object] = {"steps": 25, "sampler": "euler", "time_grid": "flowar"}
+
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in [self.z_proj, *self.layers.modules()]:
+            if isinstance(m, nn.Linear):  # FlowAR: xavier-uniform linears, zero biases
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_embedding.embedding_table.weight, std=0.02)
+        for table in (self.pos_embed, self.head_pos_embed):
+            if table is not None:
+                nn.init.normal_(table, std=0.02)
+
+    # --- pyramid and AR inputs -----------------------------------------------------------------------------------
+
+    def pyramid(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C, h, h) → K maps (B, C, s, s), each the area-average of the finest latent."""
+        return [latents if s == self.side else F.interpolate(latents, size=(s, s), mode="area") for s in self.scales]
+
+    def next_input(self, latent: torch.Tensor, side: int) -> torch.Tensor:
+        """A scale-k map (B, C, s, s) → the AR input tokens of the next scale (B, side², C): bicubic up to the
+        finest grid, then area down to `side` (FlowAR)."""
+        full = F.interpolate(latent, size=(self.side, self.side), mode="bicubic")
+        return rearrange(F.interpolate(full, size=(side, side), mode="area"), "b c h w -> b (h w) c")
+
+    def ar_inputs(self, pyramid: list[torch.Tensor], class_emb: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing inputs (B, L, dim): the class embedding, then every scale's input from the one before."""
+        tokens = [self.next_input(pyramid[k], s) for k, s in enumerate(self.scales[1:])]
+        return torch.cat([class_emb[:, None], self.z_proj(torch.cat(tokens, dim=1))], dim=1)
+
+    # --- the networks ---------------------------------------------------------------------------------------------
+
+    def _masks(self, device: torch.device) -> tuple:
+        """(backbone mask, head mask) for a full-sequence pass: dense booleans, or FlexAttention block masks."""
+        if not use_flex(self.attention_mode, device):
+            return self.ar_mask, self.head_mask
+        key = str(device)
+        if key not in self._flex_masks:
+            seg = self.segments.to(device)
+            self._flex_masks[key] = (
+                flex_block_mask(block_causal_mask_mod(seg), self.seq_len, self.seq_len, device=device),
+                flex_block_mask(lambda b, h, q, k: seg[q] == seg[k], self.seq_len, self.seq_len, device=device))
+        return self._flex_masks[key]
+
+    def backbone(self, x: torch.Tensor, class_emb: torch.Tensor, *, start: int = 0,
+                 caches: list[KVCache] | None = None, attn_mask=None) -> torch.Tensor:
+        """Slots start … start + n − 1 (x: (N, n, dim) inputs) → head conditions z (N, n, dim).
+
+        Without caches: the whole sequence with the block-causal `attn_mask`. With caches: one scale's slots,
+        attending to the cached earlier scales and to themselves (no mask needed: nothing later exists yet).
+        """
+        end = start + x.shape[1]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[start:end]
+        x = self.z_proj_ln(x)
+        rope = None if self.rope is None else self.rope[start:end]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, class_emb, rope=rope, cache=None if caches is None else caches[i], attn_mask=attn_mask)
+        x = self.norm(x)
+        return x if self.head_pos_embed is None else x + self.head_pos_embed[start:end]
+
+    def forward(self, latents: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Teacher-forced head conditions z (B, L, dim) for every position, and the pyramid they predict."""
+        pyramid = self.pyramid(latents)
+        class_emb = self.cls_embedding(labels)  # one label draw (with dropout) for the class slot and the adaLN
+        ar_mask, _ = self._masks(latents.device)
+        return self.backbone(self.ar_inputs(pyramid, class_emb), class_emb, attn_mask=ar_mask), pyramid
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, *, start: int = 0,
+                 attn_mask=None) -> torch.Tensor:
+        """The head in fp32 with autocast off: x_t (N, n, C), t (N, n) flow times in [0, 1], z (N, n, dim)."""
+        rope = None if self.head_rope is None else self.head_rope[start:start + x_t.shape[1]]
+        with torch.autocast(device_type=x_t.device.type, enabled=False):
+            return self.head(x_t.float(), self.process.timestep_embedding_input(t), z.float(), rope=rope,
+                             attn_mask=attn_mask)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        z, pyramid = self(tokens, labels)
+        x0 = torch.cat([rearrange(p, "b c h w -> b (h w) c") for p in pyramid], dim=1).float()
+        if self.head_batch_mul > 1:
+            x0, z = x0.repeat(self.head_batch_mul, 1, 1), z.repeat(self.head_batch_mul, 1, 1)
+        rows, num_scales = x0.shape[0], len(self.scales)
+        t = self.process.sample_t(rows * num_scales, device=x0.device).view(rows, num_scales)[:, self.segments]
+        noise = torch.randn_like(x0)
+        _, head_mask = self._masks(x0.device)
+        pred = self.velocity(self.process.add_noise(x0, noise, t), t, z,
+                             attn_mask=head_mask if self.head_kind == "spatial" else None)
+        out: dict[str, torch.Tensor] = {}
+        total = x0.new_zeros(())
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            for k, n in enumerate(self.lengths):  # FlowAR: Σ_k MSE_k · n_k / n_K
+                part = slice(self.offsets[k], self.offsets[k + 1])
+                loss_k = self.process.loss(pred[:, part], x0[:, part], noise[:, part])
+                total = total + loss_k * n / self.lengths[-1]
+                out[f"loss_scale{k}"] = loss_k.detach()
+        return {"loss": total, **out}
+
+    # --- sampling ---------------------------------------------------------------------------------------------------
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache(self.seq_len) for _ in self.layers]
+
+    def scale_cfg(self, cfg: float, k: int, schedule: str) -> float:
+        """Guidance weight at scale k: FlowAR's ramp 1 + (cfg − 1)·k/(K − 1), or the constant cfg."""
+        if schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+        if schedule == "constant":
+            return cfg
+        return 1.0 + linear_cfg_schedule(cfg - 1.0, k, len(self.scales))
+
+    @torch.inference_mode()
+    def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
+               steps: int = 25, sampler: str = "euler", time_grid: str = "flowar", guidance_high: float = 0.9,
+               guidance_low: float = 0.0, cfg_schedule: str = "linear") -> torch.Tensor:
+        """Sample latents (B, C, h, h) for `labels` (B,). Per scale: one cached backbone pass over the scale's new
+        slots, then the head's ODE from noise (drawn with `generator`, on its device) with guidance weight w_k
+        applied while guidance_low ≤ t ≤ guidance_high (cfg = 1: no null-class rows at all)."""
+        self._last_sampling = {"steps": steps, "sampler": sampler, "time_grid": time_grid}
+        was_training = self.training
+        self.eval()
+        try:
+            guided = cfg != 1.0
+            batch, device = labels.shape[0], labels.device
+            cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+            class_emb = self.cls_embedding(cond)
+            caches = self.new_caches()
+            x = class_emb[:, None]
+            for k, s in enumerate(self.scales):
+                start = self.offsets[k]
+                z = self.backbone(x, class_emb, start=start, caches=caches)
+
+                def model_fn(x_t: torch.Tensor, t: torch.Tensor, z=z, start=start) -> torch.Tensor:
+                    # 2B rows when this scale is guided, else the B conditional rows (z's first half)
+                    t_tokens = t[:, None].expand(-1, x_t.shape[1])
+                    return self.velocity(x_t, t_tokens, z[: x_t.shape[0]], start=start)
+
+                noise = torch.randn((batch, s * s, self.channels), generator=generator,
+                                    device=generator.device if generator is not None else device).to(device)
+                latent = self.process.sample(model_fn, noise, sampler=sampler, steps=steps, grid=time_grid,
+                                             cfg=self.scale_cfg(cfg, k, cfg_schedule),
+                                             guidance_interval=(guidance_low, guidance_high),
+                                             generator=generator).sample
+                latent = rearrange(latent, "b (h w) c -> b c h w", h=s)
+                if k + 1 == len(self.scales):
+                    return latent
+                nxt = self.z_proj(self.next_input(latent, self.scales[k + 1]).to(class_emb.dtype))
+                x = torch.cat([nxt, nxt]) if guided else nxt
+            raise AssertionError("unreachable")
+        finally:
+            self.train(was_training)
+
+    def sampling_cost(self, cfg: float = 1.0, **sampling) -> dict[str, int]:
+        """Network passes per sampled batch, split as issue 5 asks: K cached backbone passes (one per scale) and
+        K × (head evaluations per ODE solve) head passes over one scale's tokens; under CFG each pass runs 2B rows
+        (`rows_per_pass_factor`; with the linear ramp the first scale's head runs B rows since its weight is 1).
+        `steps`, `sampler`, `time_grid` default to those of the latest `sample` call (25, euler, flowar before any);
+        other sampling keywords are accepted and ignored."""
+        settings = {**self._last_sampling, **{k: v for k, v in sampling.items() if k in self._last_sampling}}
+        backbone = len(self.scales)
+        head = backbone * self.process.evaluations(sampler=settings["sampler"], steps=settings["steps"],
+                                                   grid=settings["time_grid"])
+        return {"passes": backbone + head, "backbone_passes": backbone, "head_passes": head,
+                "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
+
+    def network_evaluations(self, cfg: float = 1.0, **sampling) -> int:
+        """Backbone + head passes per sampled batch (settings as in `sampling_cost`)."""
+        return self.sampling_cost(cfg, **sampling)["passes"]
