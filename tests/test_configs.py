@@ -100,3 +100,22 @@ def test_gpu_trainer_on_a_machine_without_cuda_fails_before_training(tmp_path, m
     with pytest.raises(pipeline.ConfigError, match="trainer=gpu needs a CUDA GPU"):
         pipeline.check_machine(compose_train(["trainer=gpu"], tmp_path))
     pipeline.check_machine(compose_train(["trainer=cpu"], tmp_path))  # fine
+
+
+@pytest.mark.parametrize("paradigm", sorted(p.stem for p in (CONF / "paradigm").glob("*.yaml")))
+def test_each_paradigm_pairs_its_generator_with_a_tokenizer_it_accepts(paradigm, tmp_path):
+    cfg = compose_train([f"paradigm={paradigm}", "experiment=paradigms", "debug=tiny", "data=shapes"], tmp_path)
+    assert cfg.generator.name == paradigm
+    dm = pipeline.build_datamodule(cfg)
+    generator = pipeline.build_generator(cfg, pipeline.build_tokenizer(cfg, dm), dm.num_classes)
+    assert generator.spec.name == cfg.tokenizer.name
+
+
+def test_budget_scales_both_stages_and_their_warmups(tmp_path):
+    full = pipeline.finalize_config(compose_train([], tmp_path))
+    demo = pipeline.finalize_config(compose_train(["budget=0.4"], tmp_path))
+    for group in ("tokenizer", "generator"):
+        assert demo[group].train.max_steps == round(full[group].train.max_steps * 0.4)
+        assert demo[group].train.warmup_steps == round(full[group].train.warmup_steps * 0.4)
+    with pytest.raises(pipeline.ConfigError, match="must be positive"):
+        pipeline.finalize_config(compose_train(["budget=0"], tmp_path))

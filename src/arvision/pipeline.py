@@ -44,13 +44,17 @@ DATA_LOADING_KEYS = {"batch_size", "eval_batch_size", "num_workers", "download",
 
 # --------------------------------------------------------------------------------------------- configuration
 def finalize_config(cfg: DictConfig) -> DictConfig:
-    """Apply the trainer's step scale to both stages' budgets."""
+    """Scale both stages' step budgets (and warm-ups) by the trainer's `steps_scale` times the run's `budget`."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        scale = float(cfg.trainer.get("steps_scale", 1.0))
+        scale = float(cfg.trainer.get("steps_scale", 1.0)) * float(cfg.get("budget", 1.0))
+        if scale <= 0:
+            raise ConfigError(f"budget × trainer.steps_scale must be positive, got {scale}")
         for group in ("tokenizer", "generator"):
             if cfg.get(group) is not None and scale != 1.0:
-                cfg[group].train.max_steps = int(round(cfg[group].train.max_steps * scale))
+                train = cfg[group].train
+                train.max_steps = max(1, int(round(train.max_steps * scale)))
+                train.warmup_steps = min(int(round(train.warmup_steps * scale)), train.max_steps - 1)
     return cfg
 
 
