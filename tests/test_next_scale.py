@@ -89,7 +89,7 @@ class HeadCalls:
         self.handle.remove()
 
 
-def greedy_maps_and_logits(model, labels, *, cfg=0.0, schedule=None, cfg_schedule="linear"):
+def greedy_maps_and_logits(model, labels, *, cfg=1.0, schedule=None, cfg_schedule="linear"):
     """Greedy sampling; returns the per-scale maps actually fed back and the raw per-pass logits."""
     with HeadCalls(model) as calls:
         out = model.sample(labels, cfg=cfg, temperature=0.0, schedule=schedule, cfg_schedule=cfg_schedule)
@@ -98,7 +98,7 @@ def greedy_maps_and_logits(model, labels, *, cfg=0.0, schedule=None, cfg_schedul
     maps = []
     for k, (n, raw) in enumerate(zip(schedule, calls.outputs)):
         logits = raw
-        if cfg != 0.0:
+        if cfg != 1.0:
             t = model.guidance(cfg, k, len(schedule), cfg_schedule)
             logits = (1 + t) * raw[:b] - t * raw[b:]
         maps.append(logits.argmax(-1).view(b, n, n))
@@ -113,7 +113,7 @@ def flex_teacher_inputs(model: NextScaleGenerator, maps: list[torch.Tensor], sch
 
 
 # ------------------------------------------------------------------------------------------------ sampling ≡ TF
-@pytest.mark.parametrize("cfg", [0.0, 2.0])
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_cached_var_sampling_reproduces_teacher_forced_logits(cfg: float) -> None:
     """Each cached pass (only the new scale's tokens) gives the teacher-forced logits of the same tokens."""
     model = shared(True)
@@ -129,7 +129,7 @@ def test_cached_var_sampling_reproduces_teacher_forced_logits(cfg: float) -> Non
     for k, n in enumerate(model.scales):
         step = raw[k]
         torch.testing.assert_close(step[:2], cond[:, start:start + n * n], atol=1e-4, rtol=1e-4)
-        if cfg != 0.0:
+        if cfg != 1.0:
             torch.testing.assert_close(step[2:], null[:, start:start + n * n], atol=1e-4, rtol=1e-4)
         start += n * n
 
@@ -138,7 +138,7 @@ def test_cached_var_sampling_reproduces_teacher_forced_logits(cfg: float) -> Non
 def test_cached_flexvar_sampling_reproduces_teacher_forced_logits(schedule) -> None:
     model = shared(False)
     labels = labels_for(2, seed=3)
-    grid, maps, raw = greedy_maps_and_logits(model, labels, cfg=1.5, schedule=schedule)
+    grid, maps, raw = greedy_maps_and_logits(model, labels, cfg=2.5, schedule=schedule)
     schedule = tuple(schedule or model.scales)
     assert torch.equal(grid, maps[-1]) and grid.shape == (2, 4, 4)
     with torch.no_grad():
@@ -198,12 +198,12 @@ def test_flex_and_dense_attention_give_the_same_teacher_forced_logits(residual: 
 
 
 # ------------------------------------------------------------------------------------------------ sampler
-@pytest.mark.parametrize("residual, cfg", [(True, 0.0), (True, 1.5), (False, 2.0)])
+@pytest.mark.parametrize("residual, cfg", [(True, 1.0), (True, 2.5), (False, 3.0)])
 def test_one_forward_pass_per_scale(residual: bool, cfg: float) -> None:
     model = shared(residual)
     with HeadCalls(model) as calls:
         model.sample(torch.arange(3), cfg=cfg, generator=torch.Generator().manual_seed(0), top_k=8, top_p=0.9)
-    factor = 1 if cfg == 0.0 else 2
+    factor = 1 if cfg == 1.0 else 2
     assert [o.shape[:2] for o in calls.outputs] == [(3 * factor, n * n) for n in model.scales]
     k = len(model.scales)
     assert model.network_evaluations(cfg) == k
@@ -212,8 +212,10 @@ def test_one_forward_pass_per_scale(residual: bool, cfg: float) -> None:
 
 def test_cfg_ramp_values() -> None:
     g = NextScaleGenerator.guidance
-    assert [g(1.5, k, 4, "linear") for k in range(4)] == pytest.approx([0.0, 0.5, 1.0, 1.5])
-    assert [g(1.5, k, 4, "constant") for k in range(4)] == [1.5] * 4
+    # VAR's cfg 1.5 is cfg 2.5 here: t ramps 0 → 1.5, the guided logits are (1 + t)·c − t·u
+    assert [g(2.5, k, 4, "linear") for k in range(4)] == pytest.approx([0.0, 0.5, 1.0, 1.5])
+    assert [g(2.5, k, 4, "constant") for k in range(4)] == [1.5] * 4
+    assert [g(1.0, k, 4, "linear") for k in range(4)] == [0.0] * 4  # cfg 1: unguided
     with pytest.raises(ValueError, match="cfg_schedule"):
         shared().sample(torch.arange(2), cfg=1.0, cfg_schedule="cosine")
 
@@ -223,10 +225,10 @@ def test_guided_sampling_uses_the_ramp(cfg_schedule: str) -> None:
     """The sampler picks argmax((1 + t_k)·cond − t_k·uncond) at every scale (VAR: the first scale unguided)."""
     model = shared(True)
     labels = labels_for(4)
-    out, maps, _ = greedy_maps_and_logits(model, labels, cfg=3.0, cfg_schedule=cfg_schedule)
+    out, maps, _ = greedy_maps_and_logits(model, labels, cfg=4.0, cfg_schedule=cfg_schedule)
     assert all(torch.equal(a, b) for a, b in zip(out, maps))
     # the linear ramp leaves the first scale unguided, the constant one does not
-    unguided = model.sample(labels, cfg=0.0, temperature=0.0)
+    unguided = model.sample(labels, cfg=1.0, temperature=0.0)
     if cfg_schedule == "linear":
         assert torch.equal(out[0], unguided[0])
     assert not all(torch.equal(a, b) for a, b in zip(out, unguided))
@@ -439,3 +441,10 @@ def test_tiny_run_end_to_end(tiny_cfg, tmp_path, overrides) -> None:
     gen = results["metrics"]["generator"]
     assert gen["nfe_per_image"] == len(var_schedule(8)) and 0.0 <= gen["accuracy"]["value"] <= 1.0
     assert (tmp_path / "run" / "samples.png").exists()
+
+
+def test_no_weight_decay_names_vars_exclusions() -> None:
+    names = make(True).no_weight_decay()
+    assert {"pos_start", "pos_1LC", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11"} <= names
+    assert not any(n.startswith(("class_emb", "word_embed", "head")) or "mat_qkv" in n for n in names)
+    assert make(False).no_weight_decay() >= {"pos_start", "pos_1LC"}

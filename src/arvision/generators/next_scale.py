@@ -41,9 +41,11 @@ Class conditioning: labels go to the null class `num_classes` with probability `
 (VAR's 1/L weights); `loss()` also reports per-scale `loss_s{k}` / `acc_s{k}` (0-based k) on the default schedule,
 and `loss_last` / `acc_last` (the finest scale, VAR's "t" metrics) on every schedule.
 
-CFG (VAR's parametrisation, *not* LlamaGen's): guided logits (1 + t)·cond − t·uncond with t = cfg·k/(K − 1)
-("linear", VAR) or t = cfg ("constant"); cfg = 0 is unguided and runs only the B conditional rows, any other cfg
-runs conditional + null-class rows as one batch of 2B. VAR's FID setting is cfg 1.5, top_k 900, top_p 0.96.
+CFG: `cfg` is the guidance weight at the last scale, with the framework's convention that cfg = 1 is unguided
+(only the B conditional rows run; any other cfg runs conditional + null-class rows as one batch of 2B). VAR's ramp
+is applied to its excess: logits (1 + t_k)·cond − t_k·uncond with t_k = (cfg − 1)·k/(K − 1) ("linear", VAR: the
+first scale unguided) or t_k = cfg − 1 ("constant"). VAR's own `cfg=s` is t at the last scale, so VAR's cfg s is
+cfg = 1 + s here: its FID setting cfg 1.5, top_k 900, top_p 0.96 reads cfg 2.5 here.
 
 State-dict keys follow VAR (`class_emb`, `pos_start`, `pos_1LC`, `lvl_embed`, `word_embed`,
 `blocks.{i}.attn.mat_qkv`, `…attn.q_bias`, `…attn.scale_mul_1H11`, `…ffn.fc1`, `blocks.{i}.ada_lin.1`,
@@ -325,6 +327,12 @@ class NextScaleGenerator(Generator):
                 lin.weight[:2 * self.dim].mul_(init_adaln_gamma)
                 lin.bias.zero_()
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters VAR keeps out of weight decay although they are not 1-D (timm's convention): positions, the
+        level table, the attention log-scales and the shared-AdaLN gains (biases and 1-D gains never decay)."""
+        keep = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss")
+        return {name for name, _ in self.named_parameters() if any(k in name for k in keep)}
+
     # --- schedules, positions, masks --------------------------------------------------------------------------
 
     def check_schedule(self, schedule: Sequence[int] | None) -> tuple[int, ...]:
@@ -472,20 +480,21 @@ class NextScaleGenerator(Generator):
 
     @staticmethod
     def guidance(cfg: float, k: int, num_steps: int, cfg_schedule: str) -> float:
-        """VAR's t at step k of K: cfg·k/(K − 1) ("linear") or cfg ("constant"); logits (1 + t)·c − t·u."""
+        """VAR's t at step k of K: (cfg − 1)·k/(K − 1) ("linear") or cfg − 1 ("constant"); logits (1 + t)·c − t·u
+        (VAR's `cfg` is cfg − 1 here, see the module docstring)."""
         if cfg_schedule == "linear":
-            return linear_cfg_schedule(cfg, k, num_steps)
+            return linear_cfg_schedule(cfg - 1.0, k, num_steps)
         if cfg_schedule == "constant":
-            return cfg
+            return cfg - 1.0
         raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
 
     @torch.inference_mode()
-    def sample(self, labels: torch.Tensor, *, cfg: float = 0.0, generator: torch.Generator | None = None,
+    def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_schedule: str = "linear",
                schedule: Sequence[int] | None = None):
         """Sample for `labels` (B,): VAR mode → list of K maps (B, n_k, n_k); FlexVAR mode → the grid (B, side, side).
 
-        One forward per scale over only that scale's tokens, against per-block KV caches. cfg ≠ 0 runs the
+        One forward per scale over only that scale's tokens, against per-block KV caches. cfg ≠ 1 runs the
         conditional and null-class rows as one batch of 2B (see the module docstring for the parametrisation).
         `schedule` (FlexVAR mode) may differ from the trained one, in sides and in number of steps.
         """
@@ -494,7 +503,7 @@ class NextScaleGenerator(Generator):
         was_training = self.training
         self.eval()
         try:
-            guided = cfg != 0.0
+            guided = cfg != 1.0
             b = labels.shape[0]
             rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
             cond = self.class_emb(rows)
@@ -529,8 +538,8 @@ class NextScaleGenerator(Generator):
 
     def sampling_cost(self, cfg: float) -> dict[str, int]:
         """Forward passes per sampled batch (one per scale of the default schedule) and the rows each pass runs as
-        a multiple of the batch size: 2 under CFG, which in VAR's parametrisation is any cfg ≠ 0."""
-        return {"passes": len(self.scales), "rows_per_pass_factor": 2 if cfg != 0.0 else 1}
+        a multiple of the batch size: 2 under CFG (cfg ≠ 1)."""
+        return {"passes": len(self.scales), "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
 
     def network_evaluations(self, cfg: float) -> int:
         """K forward passes per sampled batch (the default schedule), whatever the CFG."""
