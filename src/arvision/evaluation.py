@@ -130,12 +130,18 @@ def sample_images(generator: Generator, tokenizer: Tokenizer, labels: torch.Tens
 
     One small batch runs first as warm-up and is excluded from the timing.
     """
-    rng = torch.Generator().manual_seed(seed)
-    tokenizer.decode(generator.sample(labels[: min(4, len(labels))], generator=torch.Generator().manual_seed(seed),
-                                      **sampling))
-    chunks, start = [], time.perf_counter()
+    device = next(generator.parameters()).device  # sample where the model is (the RNG must live there too)
+    tokenizer.to(device)
+    labels = labels.to(device)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    tokenizer.decode(generator.sample(labels[: min(4, len(labels))],
+                                      generator=torch.Generator(device=device).manual_seed(seed), **sampling))
+    chunks = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     for chunk in labels.split(batch_size):
-        chunks.append(tokenizer.decode(generator.sample(chunk, generator=rng, **sampling)).clamp(-1, 1))
+        chunks.append(tokenizer.decode(generator.sample(chunk, generator=rng, **sampling)).clamp(-1, 1).cpu())
     return torch.cat(chunks), time.perf_counter() - start
 
 
@@ -178,6 +184,9 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
     out["sample_img_per_s"] = metric(n / seconds, device=str(next(generator.parameters()).device),
                                      batch_size=m.batch_size, **sampling)
     out["nfe_per_image"] = generator.network_evaluations(sampling.get("cfg", 1.0))
+    cost = getattr(generator, "sampling_cost", None)
+    if cost is not None:  # passes split into backbone and head where a paradigm has both
+        out["sampling_cost"] = cost(sampling.get("cfg", 1.0))
     out["params"] = count_parameters(generator)
     if out_dir is not None:
         save_class_grid(images, labels, out_dir / "samples.png")
