@@ -1,59 +1,210 @@
-"""`collect(dir)`: every results.json under a directory → one tidy DataFrame (one row per run)."""
+"""`collect(dir)`: every results.json under a directory → one tidy DataFrame (one row per run).
+
+Column families (all flat, dotted names):
+
+- identity: `run`, `tokenizer`, `generator`, `data`, `seed`, `tags` (comma-joined), `choice.<group>`;
+- `spec.<field>` of the tokenizer's TokenSpec (`spec.grid` as "8x8", `spec.scales` as "1,2,4,8");
+- `tok.<metric>` and `gen.<metric>` from the training run's own evaluation (`metrics.tokenizer|generator`): the
+  value, plus `.extractor` and `.num_samples` where the metric records them; a nested `sampling_cost` dict is
+  flattened to `gen.passes`, `gen.backbone_passes`, `gen.head_passes`, …;
+- `eval.<metric>` from the latest `arvision-eval` entry in `evaluations` (with `eval.date`, `eval.device` (cpu/cuda),
+  `eval.device_name`, `eval.num_samples`, `eval.extractor`, `eval.git_sha`), and `num_evaluations`;
+- `cost.<name>` from `costs`, `cfg.<key>` for a few config values the analyses need (depth, width, steps, batch);
+- derived: `type` (the paradigm's family, see `PARADIGM_TYPES`), `model` (e.g. "raster-d4 / vq"),
+  `steps` (generation steps: backbone passes when split, else network evaluations), `s_per_image`
+  (1 / sampling img/s), `tokens_per_image` and `train_compute` (≈ 6·N·D FLOPs, Kaplan et al. 2020, with N the
+  generator's parameters and D the tokens it was trained on).
+
+`collect(dir, evaluations="rows")` instead gives one row per (run, evaluation) plus the training-time row, with
+a `source` column ("train" or the evaluation's date), for comparing sample counts or extractors.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
-DEFAULT_COLUMNS = ["tokenizer", "generator", "data", "gen.params", "tok.psnr", "tok.usage", "gen.fid", "gen.is",
-                   "gen.precision", "gen.recall", "gen.accuracy", "gen.nfe_per_image", "gen.sample_img_per_s"]
+# Paradigm family of each generator, as the VAR paper's Table 1 names them (documented in notebooks/README.md).
+PARADIGM_TYPES = {
+    "raster": "AR",
+    "next_scale": "VAR",
+    "flowar": "Flow-AR",
+    "acdit": "Diff-AR (block)",
+}
+
+# Config values worth a column (present for every generator that has them).
+CONFIG_COLUMNS = {
+    "cfg.depth": ("generator", "model", "depth"),
+    "cfg.dim": ("generator", "model", "dim"),
+    "cfg.heads": ("generator", "model", "heads"),
+    "cfg.block_size": ("generator", "model", "block_size"),
+    "cfg.max_steps": ("generator", "train", "max_steps"),
+    "cfg.batch_size": ("generator", "train", "batch_size"),
+    "cfg.sample_cfg": ("generator", "sample", "cfg"),
+    "cfg.sample_steps": ("generator", "sample", "steps"),
+    "cfg.sample_schedule": ("generator", "sample", "schedule"),
+    "cfg.num_samples": ("metrics", "num_samples"),
+    "cfg.extractor": ("metrics", "extractor"),
+}
 
 
-def _flatten_metrics(prefix: str, metrics: dict) -> dict[str, object]:
+def _flatten_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, object]:
     row: dict[str, object] = {}
     for name, entry in metrics.items():
-        if isinstance(entry, dict):
+        if name == "sampling_cost" and isinstance(entry, dict):
+            row.update({f"{prefix}.{k}": v for k, v in entry.items()})
+        elif isinstance(entry, dict):
             row[f"{prefix}.{name}"] = entry.get("value")
-            if "extractor" in entry:
-                row[f"{prefix}.{name}.extractor"] = entry["extractor"]
-            if "num_samples" in entry:
-                row[f"{prefix}.{name}.num_samples"] = entry["num_samples"]
+            for key in ("extractor", "num_samples", "device", "unavailable"):
+                if key in entry:
+                    row[f"{prefix}.{name}.{key}"] = entry[key]
+        elif isinstance(entry, (list, tuple)):
+            row[f"{prefix}.{name}"] = ",".join(str(v) for v in entry)
         else:
             row[f"{prefix}.{name}"] = entry
     return row
 
 
-def collect(root: str | Path) -> pd.DataFrame:
+def _flatten_spec(spec: dict[str, Any]) -> dict[str, object]:
+    row: dict[str, object] = {}
+    for key, value in spec.items():
+        if key == "grid" and isinstance(value, (list, tuple)):
+            row["spec.grid"] = "x".join(str(v) for v in value)
+        elif isinstance(value, (list, tuple)):
+            row[f"spec.{key}"] = ",".join(str(v) for v in value)
+        else:
+            row[f"spec.{key}"] = value
+    return row
+
+
+def _dig(tree: dict[str, Any], path: tuple[str, ...]) -> object:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def tokens_per_image(spec: dict[str, Any]) -> int | None:
+    """Tokens one image costs the generator: Σ n² over scales, h·w·D for depth stacks, h·w otherwise."""
+    if not spec:
+        return None
+    if spec.get("layout") == "scales" and spec.get("scales"):
+        return int(sum(n * n for n in spec["scales"]))
+    h, w = spec.get("grid", (0, 0))
+    depth = (spec.get("depth") or 1) if spec.get("layout") == "depth" else 1
+    return int(h * w * depth)
+
+
+def _evaluation_row(entry: dict[str, Any]) -> dict[str, object]:
+    metrics = entry.get("metrics", {})
+    row = _flatten_metrics("eval", metrics)
+    settings = entry.get("settings", {})
+    device = entry.get("device") if isinstance(entry.get("device"), dict) else {"type": entry.get("device")}
+    row.update({"eval.date": entry.get("date"), "eval.git_sha": entry.get("git_sha"),
+                "eval.device": device.get("type"), "eval.device_name": device.get("name"),
+                "eval.num_samples": settings.get("num_samples", _dig(settings, ("metrics", "num_samples"))),
+                "eval.extractor": (entry.get("feature_extractor") or {}).get("extractor"),
+                "eval.source": entry.get("source")})
+    # The sampling settings an evaluation overrode (e.g. FlexVAR steps), for ablations over them.
+    for key, value in (settings.get("sample") or {}).items():
+        if isinstance(value, (list, tuple)):  # e.g. a FlexVAR schedule: "1,2,4,8" and its number of steps
+            row[f"eval.sample.{key}"] = ",".join(str(v) for v in value)
+            row[f"eval.sample.{key}.len"] = len(value)
+        elif not isinstance(value, dict):
+            row[f"eval.sample.{key}"] = value
+    return row
+
+
+def _run_row(path: Path, results: dict[str, Any]) -> dict[str, object]:
+    row: dict[str, object] = {"run": str(path.parent), "tokenizer": results.get("tokenizer"),
+                              "generator": results.get("generator"), "data": results.get("data"),
+                              "seed": results.get("seed"), "tags": ",".join(results.get("tags") or []),
+                              "git_sha": results.get("git_sha"), "finished": results.get("finished")}
+    row.update({f"choice.{k}": v for k, v in results.get("choices", {}).items()})
+    row.update(_flatten_spec(results.get("spec") or {}))
+    row.update(_flatten_metrics("tok", results.get("metrics", {}).get("tokenizer", {})))
+    row.update(_flatten_metrics("gen", results.get("metrics", {}).get("generator", {})))
+    row.update({f"cost.{k}": v for k, v in results.get("costs", {}).items()})
+    config = results.get("config") or {}
+    row.update({name: _dig(config, path) for name, path in CONFIG_COLUMNS.items()})
+    row["tokens_per_image"] = tokens_per_image(results.get("spec") or {})
+    row["num_evaluations"] = len(results.get("evaluations", []))
+    return row
+
+
+def _derive(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns computed from the collected ones (see the module docstring)."""
+    if frame.empty:
+        return frame
+    gen = frame.get("generator", pd.Series([None] * len(frame), index=frame.index))
+    frame["type"] = [PARADIGM_TYPES.get(g, g) if isinstance(g, str) else None for g in gen]
+    depth = frame.get("cfg.depth", pd.Series([None] * len(frame), index=frame.index))
+    frame["model"] = [
+        None if not isinstance(g, str) else f"{g}-d{int(d)} / {t}" if pd.notna(d) else f"{g} / {t}"
+        for g, d, t in zip(gen, depth, frame["tokenizer"])
+    ]
+    if "gen.backbone_passes" in frame:
+        frame["steps"] = frame["gen.backbone_passes"].where(frame["gen.backbone_passes"].notna(),
+                                                            frame.get("gen.nfe_per_image"))
+    elif "gen.nfe_per_image" in frame:
+        frame["steps"] = frame["gen.nfe_per_image"]
+    for prefix in ("gen", "eval"):
+        speed = f"{prefix}.sample_img_per_s"
+        if speed in frame:
+            frame[f"{prefix}.s_per_image"] = 1.0 / pd.to_numeric(frame[speed], errors="coerce")
+    if "gen.s_per_image" in frame:
+        frame["s_per_image"] = frame["gen.s_per_image"]
+    if {"gen.params", "cfg.max_steps", "cfg.batch_size", "tokens_per_image"} <= set(frame.columns):
+        tokens = (pd.to_numeric(frame["cfg.max_steps"], errors="coerce")
+                  * pd.to_numeric(frame["cfg.batch_size"], errors="coerce")
+                  * pd.to_numeric(frame["tokens_per_image"], errors="coerce"))
+        frame["train_tokens"] = tokens
+        frame["train_compute"] = 6.0 * pd.to_numeric(frame["gen.params"], errors="coerce") * tokens
+    # The held-out loss, from training or (newer) from arvision-eval.
+    loss = pd.Series(np.nan, index=frame.index)
+    for column in ("gen.test_loss", "eval.test_loss"):
+        if column in frame:
+            values = pd.to_numeric(frame[column], errors="coerce")
+            loss = values.where(values.notna(), loss)
+    frame["test_loss"] = loss
+    return frame
+
+
+def runs_dir(default: str | Path | None = None) -> Path:
+    """The runs directory a notebook reads: `$ARVISION_RUNS`, else `default`, else the checked-in fixture
+    (tests/fixtures/runs of the repository)."""
+    if os.environ.get("ARVISION_RUNS"):
+        return Path(os.environ["ARVISION_RUNS"]).expanduser()
+    if default is not None:
+        return Path(default).expanduser()
+    return Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "runs"
+
+
+def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "latest") -> pd.DataFrame:
+    """Every results.json under `root` (recursively) as one DataFrame; see the module docstring."""
+    if evaluations not in ("latest", "rows"):
+        raise ValueError(f"evaluations must be 'latest' or 'rows', got {evaluations!r}")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"no runs directory {root}")
     rows = []
     for path in sorted(Path(root).rglob("results.json")):
         results = json.loads(path.read_text())
-        row: dict[str, object] = {"run": str(path.parent), "tokenizer": results.get("tokenizer"),
-                                  "generator": results.get("generator"), "data": results.get("data"),
-                                  "seed": results.get("seed")}
-        row.update({f"choice.{k}": v for k, v in results.get("choices", {}).items()})
-        row.update(_flatten_metrics("tok", results.get("metrics", {}).get("tokenizer", {})))
-        row.update(_flatten_metrics("gen", results.get("metrics", {}).get("generator", {})))
-        row.update({f"cost.{k}": v for k, v in results.get("costs", {}).items()})
-        rows.append(row)
-    return pd.DataFrame(rows)
+        base = _run_row(path, results)
+        entries = results.get("evaluations", [])
+        if evaluations == "latest":
+            if entries:
+                base.update(_evaluation_row(entries[-1]))
+            rows.append(base)
+        else:
+            rows.append({**base, "source": "train"})
+            rows.extend({**base, **_evaluation_row(e), "source": e.get("date")} for e in entries)
+    return _derive(pd.DataFrame(rows))
 
 
-def render(frame: pd.DataFrame, *, columns: list[str] | None = None, fmt: str = "markdown",
-           floatfmt: str = ".4g") -> str:
-    columns = [c for c in (columns or DEFAULT_COLUMNS) if c in frame.columns]
-    table = frame[columns]
-    if fmt == "csv":
-        return table.to_csv(index=False)
-    if fmt == "latex":
-        return table.to_latex(index=False, float_format=lambda x: format(x, floatfmt))
-    if fmt == "markdown":
-        header = "| " + " | ".join(columns) + " |"
-        rule = "|" + "|".join("---" for _ in columns) + "|"
-        lines = [header, rule]
-        for _, r in table.iterrows():
-            cells = [format(v, floatfmt) if isinstance(v, float) else ("" if v is None else str(v)) for v in r]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-    raise ValueError(f"format must be markdown, latex or csv, got {fmt!r}")
+__all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "runs_dir", "tokens_per_image"]

@@ -1,0 +1,241 @@
+"""Paper-style tables from a `collect()` DataFrame: row filters, sorting, layouts, Markdown / LaTeX / CSV.
+
+Layouts are lists of (column, header) pairs. `default` is the main metrics of every run; `var` is the VAR paper's
+Table 1: type, model, params, FID, IS, precision, recall, steps, relative time. `relative time` is the sampling
+time per image divided by that of the fastest row (or of a chosen reference row, as VAR normalises to VAR);
+`steps` counts generation steps (backbone passes, so an RQ depth head does not inflate it).
+
+Markdown and LaTeX show numbers for reading (parameters as 1.2M, floats with 4 significant digits, missing as
+"–"); CSV keeps the raw values so that it parses back to the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+# Readable headers for the collected columns (any other column keeps its own name).
+HEADERS = {
+    "tokenizer": "tokenizer", "generator": "generator", "data": "data", "type": "type", "model": "model",
+    "gen.params": "params", "tok.params": "tok. params", "gen.fid": "FID", "gen.is": "IS", "gen.kid": "KID",
+    "gen.precision": "precision", "gen.recall": "recall", "gen.accuracy": "accuracy", "gen.nfe_per_image": "NFE",
+    "gen.sample_img_per_s": "img/s", "s_per_image": "s/image", "steps": "steps", "relative_time": "relative time",
+    "tok.psnr": "PSNR", "tok.ssim": "SSIM", "tok.rfid": "rFID", "tok.usage": "usage", "tok.perplexity": "perplexity",
+    "eval.fid": "FID (eval)", "eval.sfid": "sFID (eval)", "eval.is": "IS (eval)", "eval.precision": "precision (eval)",
+    "eval.recall": "recall (eval)", "eval.num_samples": "N (eval)", "eval.device": "device (eval)",
+    "test_loss": "test loss", "train_compute": "train FLOPs", "cfg.depth": "depth", "cfg.block_size": "block size",
+    "cfg.sample_steps": "sampling steps", "cost.stage2_seconds": "stage-2 s", "cost.total_seconds": "total s",
+}
+
+DEFAULT_LAYOUT = ["tokenizer", "generator", "data", "gen.params", "tok.psnr", "tok.usage", "gen.fid", "gen.is",
+                  "gen.precision", "gen.recall", "gen.accuracy", "gen.nfe_per_image", "gen.sample_img_per_s"]
+VAR_LAYOUT = ["type", "model", "gen.params", "gen.fid", "gen.is", "gen.precision", "gen.recall", "steps",
+              "relative_time"]
+LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT}
+
+
+def header(column: str) -> str:
+    return HEADERS.get(column, column)
+
+
+# --------------------------------------------------------------------------------------------- rows
+def _matches(series: pd.Series, wanted: list[str]) -> pd.Series:
+    """Cells equal to one of `wanted` (as text or as a number), or comma lists (e.g. tags) containing one."""
+    as_text = series.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    numeric = pd.to_numeric(series, errors="coerce")
+    hit = as_text.isin(wanted) | as_text.map(lambda t: "," in t and bool(set(t.split(",")) & set(wanted)))
+    for w in wanted:  # "depth=4" also matches 4.0
+        try:
+            hit |= numeric == float(w)
+        except ValueError:
+            pass
+    return hit
+
+
+def select_rows(frame: pd.DataFrame, filters: str | Iterable[str] | None) -> pd.DataFrame:
+    """Keep the rows matching every filter `column=v1,v2` (or `column!=v1,v2`); filters may also be joined with ';'.
+
+    Columns may be named by their collected name or their readable header (e.g. `FID`).
+    """
+    if not filters:
+        return frame
+    if isinstance(filters, str):
+        filters = [filters]
+    keep = pd.Series(True, index=frame.index)
+    for item in (part.strip() for f in filters for part in f.split(";")):
+        if not item:
+            continue
+        negate = "!=" in item
+        column, sep, values = item.partition("!=" if negate else "=")
+        if not sep:
+            raise ValueError(f"row filter must look like column=value[,value…]; got {item!r}")
+        column = resolve_column(frame, column.strip())
+        hit = _matches(frame[column], [v.strip() for v in values.split(",")])
+        keep &= ~hit if negate else hit
+    return frame[keep]
+
+
+def resolve_column(frame: pd.DataFrame, name: str) -> str:
+    """A column named by itself or by its readable header."""
+    if name in frame.columns:
+        return name
+    by_header = [c for c in frame.columns if header(c) == name]
+    if by_header:
+        return by_header[0]
+    raise KeyError(f"no column {name!r}; columns include: {', '.join(map(str, list(frame.columns)[:40]))}")
+
+
+def sort_rows(frame: pd.DataFrame, keys: str | Sequence[str] | None) -> pd.DataFrame:
+    """Sort by comma-separated columns; a leading '-' sorts that column descending. Missing values go last."""
+    if not keys:
+        return frame
+    if isinstance(keys, str):
+        keys = [k for k in keys.split(",") if k.strip()]
+    columns, ascending = [], []
+    for key in keys:
+        key = key.strip()
+        columns.append(resolve_column(frame, key.lstrip("-")))
+        ascending.append(not key.startswith("-"))
+    return frame.sort_values(columns, ascending=ascending, na_position="last", kind="stable")
+
+
+# --------------------------------------------------------------------------------------------- layouts
+def relative_time(frame: pd.DataFrame, *, column: str = "s_per_image", reference: str | None = None) -> pd.Series:
+    """Time per image relative to the fastest row, or to the first row whose `model`/`generator`/`type` is
+    `reference` (VAR's Table 1 normalises to VAR)."""
+    if column not in frame:
+        return pd.Series(np.nan, index=frame.index)
+    seconds = pd.to_numeric(frame[column], errors="coerce")
+    if reference is None:
+        base = seconds.min()
+    else:
+        picked = frame[(frame.get("model") == reference) | (frame.get("generator") == reference)
+                       | (frame.get("type") == reference)]
+        if picked.empty:
+            raise ValueError(f"relative time: no row is model/generator/type {reference!r}")
+        base = seconds[picked.index[0]]
+    return seconds / base
+
+
+def layout_frame(frame: pd.DataFrame, layout: str | Sequence[str] = "default", *, source: str = "gen",
+                 reference: str | None = None) -> pd.DataFrame:
+    """The columns of a layout (a name in LAYOUTS or a list of columns), with `relative_time` computed.
+
+    `source="eval"` reads the generation metrics (and sampling time) from the latest `arvision-eval` entry instead
+    of the training run's own evaluation.
+    """
+    columns = list(LAYOUTS[layout] if isinstance(layout, str) else layout)
+    frame = frame.copy()
+    if source == "eval":
+        for column in list(columns):
+            swapped = column.replace("gen.", "eval.", 1)
+            if column.startswith("gen.") and swapped in frame:
+                columns[columns.index(column)] = swapped
+        if "eval.s_per_image" in frame:
+            frame["s_per_image"] = frame["eval.s_per_image"]
+    elif source != "gen":
+        raise ValueError(f"source must be 'gen' or 'eval', got {source!r}")
+    if "relative_time" in columns:
+        frame["relative_time"] = relative_time(frame, reference=reference)
+    return frame[[c for c in columns if c in frame.columns]]
+
+
+# --------------------------------------------------------------------------------------------- formats
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _human_count(value: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return str(int(value))
+
+
+def _cell(column: str, value: object, floatfmt: str) -> str:
+    if _is_missing(value):
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer, float, np.floating)):
+        if column.endswith("params") or column in ("train_compute", "train_tokens"):
+            return _human_count(float(value))
+        if isinstance(value, (int, np.integer)) or float(value).is_integer() and abs(float(value)) < 1e6:
+            return str(int(value))
+        return format(float(value), floatfmt)
+    return str(value)
+
+
+def _numeric(series: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--"}
+
+
+def _latex(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def render(frame: pd.DataFrame, *, columns: Sequence[str] | None = None, fmt: str = "markdown",
+           floatfmt: str = ".4g", headers: dict[str, str] | None = None) -> str:
+    """The table as Markdown (pipe table), LaTeX (booktabs tabular) or CSV.
+
+    `columns` defaults to the `default` layout (those present); headers are readable names (HEADERS, updated
+    with `headers`). CSV keeps raw values and uses the same headers.
+    """
+    names = {**HEADERS, **(headers or {})}
+    columns = [c for c in (columns or DEFAULT_LAYOUT) if c in frame.columns]
+    table = frame[columns]
+    labels = [names.get(c, c) for c in columns]
+    if fmt == "csv":
+        return table.rename(columns=dict(zip(columns, labels))).to_csv(index=False)
+    cells = [[_cell(c, v, floatfmt) for c, v in zip(columns, row)] for row in table.itertuples(index=False)]
+    right = [_numeric(table[c]) for c in columns]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(labels) + " |", "|" + "|".join("---:" if r else ":---" for r in right) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells]
+        return "\n".join(lines)
+    if fmt == "latex":
+        lines = [r"\begin{tabular}{" + "".join("r" if r else "l" for r in right) + "}", r"\toprule",
+                 " & ".join(_latex(label) for label in labels) + r" \\", r"\midrule"]
+        lines += [" & ".join(_latex(cell) for cell in row) + r" \\" for row in cells]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines)
+    raise ValueError(f"format must be markdown, latex or csv, got {fmt!r}")
+
+
+def table(frame: pd.DataFrame, *, layout: str | Sequence[str] = "default", rows: str | Iterable[str] | None = None,
+          sort: str | Sequence[str] | None = None, fmt: str = "markdown", source: str = "gen",
+          reference: str | None = None, floatfmt: str = ".4g") -> str:
+    """Filter, lay out, sort and render in one call (what `arvision-table` and the notebooks use).
+
+    Rows are filtered before the layout (so any collected column can filter) and sorted after it (so a layout's
+    computed columns, e.g. `relative_time`, can sort); sort keys may be collected names or headers.
+    """
+    picked = select_rows(frame, rows)
+    laid = layout_frame(picked, layout, source=source, reference=reference)
+    if sort:
+        extra = [k.strip().lstrip("-") for k in (sort.split(",") if isinstance(sort, str) else sort)]
+        missing = [k for k in extra if k not in laid.columns and header_to_column(laid, k) is None]
+        if missing:  # a sort key outside the layout: sort the full rows, then lay out again
+            picked = sort_rows(picked.assign(relative_time=relative_time(picked, reference=reference)), sort)
+            laid = layout_frame(picked, layout, source=source, reference=reference)
+        else:
+            laid = sort_rows(laid, sort)
+    return render(laid, columns=list(laid.columns), fmt=fmt, floatfmt=floatfmt)
+
+
+def header_to_column(frame: pd.DataFrame, name: str) -> str | None:
+    try:
+        return resolve_column(frame, name)
+    except KeyError:
+        return None
+
+
+__all__ = ["DEFAULT_LAYOUT", "HEADERS", "LAYOUTS", "VAR_LAYOUT", "header", "layout_frame", "relative_time",
+           "render", "resolve_column", "select_rows", "sort_rows", "table"]
