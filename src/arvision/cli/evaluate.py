@@ -41,8 +41,8 @@ from arvision import pipeline
 from arvision.cli.common import config_dir, fail, print_table, value
 from arvision.cli.sample import load_run, sampling_overrides
 from arvision.data import DatasetNotFound
-from arvision.evaluation import balanced_labels, get_extractor, reference_metrics
-from arvision.metrics import INCEPTION_WEIGHTS_FILE, GenerationMetrics, MissingWeights, frechet_distance
+from arvision.evaluation import balanced_labels, get_extractor, reference_metrics, sample_images
+from arvision.metrics import INCEPTION_WEIGHTS_FILE, MissingWeights, frechet_distance
 from arvision.utils.artifacts import ArtifactCache
 from arvision.utils.results import RESULTS_FILE, git_sha, metric, now, read_results, versions, write_json_atomic
 
@@ -71,11 +71,6 @@ def device_info(device: torch.device) -> dict[str, Any]:
         return {"type": "cuda", "name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count()}
     return {"type": device.type, "name": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------- sFID
@@ -119,27 +114,15 @@ def load_npz(path: str | Path, num_samples: int | None) -> tuple[torch.Tensor, t
     return x, y
 
 
-@torch.no_grad()
 def timed_samples(generator, labels: torch.Tensor, *, batch_size: int, seed: int, device: torch.device,
                   **sampling: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Generate and decode images for `labels` on `device`; the first (small) batch is a warm-up outside the
-    timing, CUDA is synchronised around the timed region, and the peak CUDA memory of that region is kept."""
-    tokenizer = generator.tokenizer_on(device)
-    labels = labels.to(device)
-    warm = labels[: min(4, len(labels))]
-    tokenizer.decode(generator.sample(warm, generator=torch.Generator(device).manual_seed(seed), **sampling))
-    rng = torch.Generator(device).manual_seed(seed)
-    _sync(device)
+    """`sample_images` on `device` (its warm-up batch is outside the timing) and, on CUDA, the peak memory."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    chunks, start = [], time.perf_counter()
-    for chunk in labels.split(batch_size):
-        chunks.append(tokenizer.decode(generator.sample(chunk, generator=rng, **sampling)).clamp(-1, 1))
-    _sync(device)
-    seconds = time.perf_counter() - start
-    cost = {"seconds": seconds, "img_per_s": len(labels) / seconds,
-            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-    return torch.cat(chunks).cpu(), cost
+    images, seconds = sample_images(generator, generator.tokenizer_on(device), labels, batch_size=batch_size,
+                                    seed=seed, **sampling)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return images, {"seconds": seconds, "img_per_s": len(labels) / seconds, "peak_memory_mb": peak}
 
 
 @torch.no_grad()
