@@ -87,3 +87,18 @@ def test_warmup_cosine_schedule_shape():
     assert math.isclose(lrs[0], 0.1) and math.isclose(lrs[9], 1.0)
     assert all(a >= b - 1e-12 for a, b in zip(lrs[10:111], lrs[11:111]))  # monotone decay
     assert math.isclose(lrs[110], 0.1, rel_tol=1e-6) and math.isclose(lrs[-1], 0.1, rel_tol=1e-6)
+
+
+def test_param_groups_skip_decay_for_what_a_module_lists_in_no_weight_decay():
+    class WithPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 4, 8))
+            self.proj = nn.Linear(8, 8)
+
+        def no_weight_decay(self):
+            return {"pos"}
+
+    decay, no_decay = param_groups(WithPositions(), 0.1)
+    assert [p.shape for p in decay["params"]] == [(8, 8)]
+    assert sorted(p.dim() for p in no_decay["params"]) == [1, 3]

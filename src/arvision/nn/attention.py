@@ -26,7 +26,7 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, *, enabl
     fn = flex_attention
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            _compiled_flex = torch.compile(flex_attention)  # dynamic after a 2nd shape (FlexVAR's schedules)
         fn = _compiled_flex
     return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 

@@ -9,11 +9,13 @@ from torch import nn
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and conv kernels only, never on norms, biases or gains (LlamaGen / nanoGPT)."""
+    """Weight decay on matrices and conv kernels only, never on norms, biases or gains (LlamaGen / nanoGPT), nor on
+    what the module lists in `no_weight_decay()` (timm's convention; VAR's positions, level table, attention scales)."""
+    skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else set()
     decay, no_decay = [], []
-    for p in module.parameters():
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and name not in skip else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
