@@ -32,8 +32,16 @@ data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is availabl
 	  || echo "apt-get could not install dataset-fashion-mnist: pass data.root=<dir> or data.download=true"; \
 	else echo "no apt: pass data.root=<dir with the Fashion-MNIST *-ubyte.gz files> or data.download=true"; fi
 
-demo: setup data  ## train + evaluate VQ + raster on Fashion-MNIST (CPU, < 15 min) and print the table
-	$(VENV)/bin/arvision-train $(ARGS)
+# The paradigm comparison at a CPU budget: 4 generators on their 3 tokenizers, 20k training images, 40% of the
+# step budgets. DEMO_DIR collects the four runs; the table and the per-paradigm sample grids come from there.
+DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+DEMO_DIR ?= outputs/demo/$(DEMO_STAMP)
+PARADIGMS ?= raster,next_scale,flowar,acdit
+demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 15 min): four runs, one table, sample grids
+	$(VENV)/bin/arvision-train -m experiment=paradigms paradigm=$(PARADIGMS) budget=0.4 data.train_size=20000 \
+	  hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
+	$(VENV)/bin/arvision-table $(DEMO_DIR) --layout var
+	@find $(DEMO_DIR) -name samples.png | sort | sed 's/^/sample grid: /'
 
 test: setup data  ## the test suite (CPU, < 10 min)
 	$(PY) -m pytest -q $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
