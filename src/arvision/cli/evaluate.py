@@ -312,11 +312,18 @@ def main(cfg: DictConfig) -> None:
         fail(_inception_hint(err))
     except (FileNotFoundError, DatasetNotFound, EvalError) as err:
         fail(str(err))
-    row = {k: value(v) for k, v in entry["metrics"].items() if not isinstance(value(v), (list, dict, str))}
-    row.update({k: v["unavailable"] for k, v in entry["metrics"].items()
-                if isinstance(v, dict) and "unavailable" in v})
+    row: dict[str, object] = {}
+    for name, v in entry["metrics"].items():
+        if name == "sampling_cost":
+            row.update({f"sampling_cost.{k}": c for k, c in v.items()})
+        elif isinstance(v, dict) and "unavailable" in v:
+            row[name] = f"unavailable: {v['unavailable']}"
+        elif name == "peak_memory_mb" and v is None:
+            row[name] = "n/a (not CUDA)"
+        else:
+            row[name] = value(v)
     print_table(f"arvision-eval {cfg.run or cfg.npz} ({entry['device']['type']})", [row])
-    print(f"appended to {entry['results_file']}: " + json.dumps({"settings": entry["settings"]["select"],
+    print(f"appended to {entry['results_file']}: " + json.dumps({"select": entry["settings"]["select"],
                                                                   "device": entry["device"]}))
 
 
