@@ -36,7 +36,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
 
 
 def test_optuna_sweeper_minimises_the_generator_fid(tmp_path):
-    done = _train(tmp_path, "+hparams_search=optuna", "hydra.sweeper.n_trials=2", "debug=tiny", "data=shapes")
+    done = _train(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "debug=tiny", "data=shapes")
     assert done.returncode == 0, done.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     trials = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]

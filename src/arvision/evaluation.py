@@ -188,7 +188,25 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
     if cost is not None:  # passes split into backbone and head where a paradigm has both
         out["sampling_cost"] = cost(sampling.get("cfg", 1.0))
     out["params"] = count_parameters(generator)
+    n_test = min(m.num_reference, len(dm.test_set))  # held-out loss: the y-axis of scaling-law fits
+    out["test_loss"] = metric(test_loss(generator, dm, num_images=n_test, batch_size=m.batch_size, seed=m.seed,
+                                        device=next(generator.parameters()).device), num_samples=n_test, split="test")
     if out_dir is not None:
         save_class_grid(images, labels, out_dir / "samples.png")
         np.savez(out_dir / "samples.npz", arr_0=to_uint8(images), labels=labels.numpy())
     return out, images, labels
+
+
+@torch.no_grad()
+def test_loss(generator, dm, *, num_images: int, batch_size: int, seed: int, device: torch.device) -> float:
+    """Mean generator loss over the first `num_images` test images (eval mode, seeded noise for flow/diffusion
+    losses), weighted by batch size."""
+    tokenizer = generator.tokenizer_on(device)
+    images, labels = dm.reference_images(num_images)
+    total = 0.0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+            x = x.to(device).float() / 127.5 - 1.0
+            total += float(generator.loss(tokenizer.encode(x), y.to(device))["loss"]) * len(x)
+    return total / num_images

@@ -41,7 +41,7 @@ from arvision import pipeline
 from arvision.cli.common import config_dir, fail, print_table, value
 from arvision.cli.sample import load_run, sampling_overrides
 from arvision.data import DatasetNotFound
-from arvision.evaluation import balanced_labels, get_extractor, reference_metrics, sample_images
+from arvision.evaluation import balanced_labels, get_extractor, reference_metrics, sample_images, test_loss
 from arvision.metrics import INCEPTION_WEIGHTS_FILE, MissingWeights, frechet_distance
 from arvision.utils.artifacts import ArtifactCache
 from arvision.utils.results import RESULTS_FILE, git_sha, metric, now, read_results, versions, write_json_atomic
@@ -126,20 +126,6 @@ def timed_samples(generator, labels: torch.Tensor, *, batch_size: int, seed: int
 
 
 @torch.no_grad()
-def test_loss(generator, dm, *, num_images: int, batch_size: int, seed: int, device: torch.device) -> float:
-    """Mean generator loss over the first `num_images` test images (eval mode, seeded noise for flow/diffusion
-    losses), weighted by batch size."""
-    tokenizer = generator.tokenizer_on(device)
-    images, labels = dm.reference_images(num_images)
-    total = 0.0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-            x = x.to(device).float() / 127.5 - 1.0
-            total += float(generator.loss(tokenizer.encode(x), y.to(device))["loss"]) * len(x)
-    return total / num_images
-
-
 # --------------------------------------------------------------------------------------------- evaluation
 def _selection(cfg: DictConfig, *, has_model: bool, has_npz: bool) -> list[str]:
     """The metric names to compute: `select=null` is everything that applies to the input (sampling cost needs
