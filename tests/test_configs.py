@@ -119,3 +119,12 @@ def test_budget_scales_both_stages_and_their_warmups(tmp_path):
         assert demo[group].train.warmup_steps == round(full[group].train.warmup_steps * 0.4)
     with pytest.raises(pipeline.ConfigError, match="must be positive"):
         pipeline.finalize_config(compose_train(["budget=0"], tmp_path))
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_each_experiment_composes_and_builds_its_pair_before_training(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}", "debug=tiny", "data=shapes"], tmp_path)
+    assert cfg.task_name == experiment and len(cfg.tags) == 1
+    dm = pipeline.build_datamodule(cfg)
+    generator = pipeline.build_generator(cfg, pipeline.build_tokenizer(cfg, dm), dm.num_classes)
+    assert generator.spec.name == cfg.tokenizer.name
