@@ -23,7 +23,10 @@ Sampling (the official `sample`): for block i, `steps` DPM-Solver++ (or DDIM) st
 attending to the cached keys/values of the finished blocks c_0 … c_{i−1}; CFG is constant on ε. The finished block
 then runs once as a clean block (no conditioning) to append its keys/values to the per-layer KV cache; this is
 exact because clean tokens see neither noisy tokens nor the class. The last block needs no clean pass, so a batch
-costs N·steps + N − 1 backbone passes over K tokens each (2B rows under CFG, clean passes included).
+costs N·steps + N − 1 backbone passes over K tokens each (2B rows under CFG, clean passes included). (The official
+code folds the clean pass of block i − 1 into the first denoising pass of block i, 2K tokens, N·steps passes;
+same keys/values.) DPM-Solver++ uses diffusers' default "linspace" timesteps; the official sampler builds its
+DPMSolverMultistepScheduler from DDIMScheduler's config and so inherits "leading" spacing (first step t = 950).
 """
 
 from __future__ import annotations
