@@ -34,7 +34,9 @@ DEFAULT_LAYOUT = ["tokenizer", "generator", "data", "gen.params", "tok.psnr", "t
                   "gen.precision", "gen.recall", "gen.accuracy", "gen.nfe_per_image", "gen.sample_img_per_s"]
 VAR_LAYOUT = ["type", "model", "gen.params", "gen.fid", "gen.is", "gen.precision", "gen.recall", "steps",
               "relative_time"]
-LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT}
+# The paradigm comparison (make demo): VAR's columns plus what a small class-conditional run is judged by.
+PARADIGMS_LAYOUT = [*VAR_LAYOUT, "gen.accuracy", "gen.sample_img_per_s", "cost.stage2_seconds", "tok.psnr"]
+LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT, "paradigms": PARADIGMS_LAYOUT}
 
 
 def header(column: str) -> str:
