@@ -241,10 +241,15 @@ class GaussianDiffusion:
         self.beta_schedule = beta_schedule
         self.betas = betas_for(beta_schedule, num_train_timesteps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # float64, ᾱ_t for t = 0 … T − 1
+        self._tables: dict[torch.device, torch.Tensor] = {}  # ᾱ on each device it is used on
 
     def _alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.long)
-        return self.alphas_cumprod[t.cpu()].to(like.device)
+        # Index a copy of the table on the tensor's own device: no device-to-host sync in the training step.
+        device = like.device
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = self.alphas_cumprod.to(device)
+        return table[torch.as_tensor(t, dtype=torch.long, device=device)]
 
     # training
     def sample_t(self, n: int, *, generator: torch.Generator | None = None,
