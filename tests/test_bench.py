@@ -82,3 +82,17 @@ def test_a_missing_gpu_is_refused_with_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="use device=cpu"):
         resolve_device(compose_bench("device=cuda"))
     assert resolve_device(compose_bench()) == (torch.device("cpu"), "fp32")
+
+
+@pytest.mark.parametrize("preset, params", [("llamagen_gpt_b", 111e6), ("llamagen_gpt_l", 343e6),
+                                            ("var_d16", 310e6)])
+def test_official_comparison_presets_build_the_published_sizes(preset, params):
+    """The GPU comparison presets reproduce the official model sizes (random weights; built on the meta device)."""
+    from arvision.utils.instantiate import instantiate
+    cfg = compose_bench(f"bench_preset={preset}")
+    with torch.device("meta"):
+        tokenizer = instantiate(cfg.tokenizer.model, image_size=cfg.data.image_size, image_channels=cfg.data.channels)
+        generator = instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=cfg.data.num_classes)
+    count = sum(p.numel() for p in generator.parameters())
+    assert abs(count - params) / params < 0.06, count
+    assert cfg.preset_name == preset
