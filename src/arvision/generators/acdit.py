@@ -39,7 +39,7 @@ from torch import nn
 
 from arvision.generators.base import Generator, require
 from arvision.nn.attention import Attention, KVCache
-from arvision.nn.blocks import FeedForward, LabelEmbedding, swiglu_hidden
+from arvision.nn.blocks import FeedForward, LabelEmbedding, TimestepEmbedder, swiglu_hidden
 from arvision.nn.masks import MaskMod, dense_from_mask_mod, flex_block_mask, use_flex
 from arvision.nn.norm import RMSNorm
 from arvision.nn.processes import GaussianDiffusion
@@ -84,22 +84,6 @@ def without_last_clean_block(mask_mod: MaskMod, block_size: int, num_blocks: int
 
 
 # --- layers -----------------------------------------------------------------------------------------------------
-
-class TimestepEmbedding(nn.Module):
-    """DiT's timestep embedder: sinusoidal features of the (integer) timestep (cos then sin), then an MLP."""
-
-    def __init__(self, dim: int, *, freq_dim: int = 256, max_period: float = 10000.0) -> None:
-        super().__init__()
-        self.freq_dim, self.max_period = freq_dim, max_period
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t (...) → (..., dim)."""
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)
-        args = t.float()[..., None] * freqs
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
-
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, clean_len: int) -> torch.Tensor:
     """adaLN on the noisy tokens x[:, clean_len:] only (shift, scale: (B, n_noisy, dim))."""
@@ -181,7 +165,7 @@ class ACDiTGenerator(Generator):
         self.diffusion = GaussianDiffusion(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
         self.x_embedder = nn.Linear(self.token_dim, dim, bias=False)  # shared by clean and noisy tokens
-        self.t_embedder = TimestepEmbedding(dim, freq_dim=time_freq_dim)
+        self.t_embedder = TimestepEmbedder(dim, freq_dim=time_freq_dim)
         self.y_embedder = LabelEmbedding(num_classes, dim, dropout=class_dropout)
         self.layers = nn.ModuleList(
             ACDiTBlock(dim, heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden or swiglu_hidden(dim), norm_eps=norm_eps)

@@ -49,7 +49,7 @@ from torch import nn
 from arvision.generators.base import Generator, require
 from arvision.generators.sampling import linear_cfg_schedule
 from arvision.nn.attention import Attention, KVCache
-from arvision.nn.blocks import FeedForward, LabelEmbedding, swiglu_hidden
+from arvision.nn.blocks import FeedForward, LabelEmbedding, TimestepEmbedder, swiglu_hidden
 from arvision.nn.masks import block_causal_mask, block_causal_mask_mod, flex_block_mask, segment_ids, use_flex
 from arvision.nn.norm import RMSNorm
 from arvision.nn.processes import RectifiedFlow
@@ -79,24 +79,6 @@ def scale_positions(scales: Sequence[int], side: int) -> torch.Tensor:
         rows.append(r.flatten())
         cols.append(c.flatten())
     return torch.stack([torch.cat(rows), torch.cat(cols)], dim=-1)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """DiT/MAR sinusoidal embedding of (possibly fractional) times t (...,) → (..., dim): [cos, sin]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[..., None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, width: int, frequency_dim: int = 256) -> None:
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
 
 
 # --- the AR backbone ------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Llama-style building blocks: SwiGLU feed-forward, drop-path, pre-norm transformer block, class embedding."""
+"""Llama-style building blocks: SwiGLU feed-forward, drop-path, pre-norm transformer block, class embedding, and
+DiT's timestep embedder (shared by the flow and diffusion generators)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -84,3 +87,24 @@ class LabelEmbedding(nn.Module):
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(self.drop(labels))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """DiT/MAR sinusoidal features of (integer or fractional) times t (...,) → (..., dim): [cos, sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """DiT's timestep embedder: sinusoidal features of t, then Linear → SiLU → Linear (keys `mlp.0`, `mlp.2`)."""
+
+    def __init__(self, dim: int, *, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (...) → (..., dim)."""
+        return self.mlp(timestep_embedding(t, self.freq_dim, self.max_period))
