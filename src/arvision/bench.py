@@ -164,7 +164,8 @@ def bench_sampling(generator: Generator, tokenizer: Tokenizer, *, batch_size: in
         sample_s = statistics.median(timed(sample, warmup=warmup, repeats=repeats, device=device))
         decode_s = statistics.median(timed(decode, warmup=warmup, repeats=repeats, device=device))
     out.update(sample_s_per_batch=sample_s, decode_s_per_batch=decode_s,
-               img_per_s_decode_excluded=batch_size / sample_s, img_per_s_decode_included=batch_size / (sample_s + decode_s),
+               img_per_s_decode_excluded=batch_size / sample_s,
+               img_per_s_decode_included=batch_size / (sample_s + decode_s),
                decode_img_per_s=batch_size / decode_s, network_evaluations=generator.network_evaluations(cfg))
     cost = getattr(generator, "sampling_cost", None)
     if cost is not None:

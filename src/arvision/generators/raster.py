@@ -81,7 +81,8 @@ class RasterGenerator(Generator):
         flat_depth = self.levels > 1 and self.depth_mode == "flatten"
         self.depth_embeddings = nn.Embedding(self.levels, dim) if flat_depth else None
         self.tok_dropout = nn.Dropout(token_dropout)
-        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # stochastic depth grows with depth, as in LlamaGen
+        # stochastic depth grows with depth, as in LlamaGen (on the CPU: the model may be built on the meta device)
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         self.layers = nn.ModuleList(
             TransformerBlock(dim, heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, resid_dropout=resid_dropout,
                              ffn_dropout=ffn_dropout, drop_path=rate, norm_eps=norm_eps)
