@@ -41,6 +41,7 @@ demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 15 min):
 	$(VENV)/bin/arvision-train -m experiment=paradigms paradigm=$(PARADIGMS) budget=0.4 data.train_size=20000 \
 	  hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
 	$(VENV)/bin/arvision-table $(DEMO_DIR) --layout paradigms
+	$(VENV)/bin/arvision-table $(DEMO_DIR) --layout stages
 	@find $(DEMO_DIR) -name samples.png | sort | sed 's/^/sample grid: /'
 
 test: setup data  ## the test suite (CPU, < 10 min)

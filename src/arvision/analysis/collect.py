@@ -130,7 +130,11 @@ def _run_row(path: Path, results: dict[str, Any]) -> dict[str, object]:
     row.update(_flatten_spec(results.get("spec") or {}))
     row.update(_flatten_metrics("tok", results.get("metrics", {}).get("tokenizer", {})))
     row.update(_flatten_metrics("gen", results.get("metrics", {}).get("generator", {})))
-    row.update({f"cost.{k}": v for k, v in results.get("costs", {}).items()})
+    for key, cost in results.get("costs", {}).items():  # stage_seconds → cost.stage.<stage>
+        if isinstance(cost, dict):
+            row.update({f"cost.stage.{k}": v for k, v in cost.items()})
+        else:
+            row[f"cost.{key}"] = cost
     config = results.get("config") or {}
     row.update({name: _dig(config, path) for name, path in CONFIG_COLUMNS.items()})
     row["tokens_per_image"] = tokens_per_image(results.get("spec") or {})

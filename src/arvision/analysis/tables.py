@@ -28,6 +28,9 @@ HEADERS = {
     "eval.recall": "recall (eval)", "eval.num_samples": "N (eval)", "eval.device": "device (eval)",
     "test_loss": "test loss", "train_compute": "train FLOPs", "cfg.depth": "depth", "cfg.block_size": "block size",
     "cfg.sample_steps": "sampling steps", "cost.stage2_seconds": "stage-2 s", "cost.total_seconds": "total s",
+    "cost.stage.feature_extractor": "extractor s", "cost.stage.tokenizer_train": "tokenizer s",
+    "cost.stage.tokenizer_eval": "tok. eval s", "cost.stage.encode": "encode s",
+    "cost.stage.generator_train": "generator s", "cost.stage.generator_eval": "gen. eval s",
 }
 
 DEFAULT_LAYOUT = ["tokenizer", "generator", "data", "gen.params", "tok.psnr", "tok.usage", "gen.fid", "gen.is",
@@ -36,7 +39,11 @@ VAR_LAYOUT = ["type", "model", "gen.params", "gen.fid", "gen.is", "gen.precision
               "relative_time"]
 # The paradigm comparison (make demo): VAR's columns plus what a small class-conditional run is judged by.
 PARADIGMS_LAYOUT = [*VAR_LAYOUT, "gen.accuracy", "gen.sample_img_per_s", "cost.stage2_seconds", "tok.psnr"]
-LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT, "paradigms": PARADIGMS_LAYOUT}
+# Where a run's wall-clock went (a cached tokenizer, token cache or classifier shows as its load time).
+STAGES_LAYOUT = ["tokenizer", "generator", "cost.stage.feature_extractor", "cost.stage.tokenizer_train",
+                 "cost.stage.tokenizer_eval", "cost.stage.encode", "cost.stage.generator_train",
+                 "cost.stage.generator_eval", "cost.total_seconds"]
+LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT, "paradigms": PARADIGMS_LAYOUT, "stages": STAGES_LAYOUT}
 
 
 def header(column: str) -> str:

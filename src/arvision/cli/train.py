@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -38,22 +39,35 @@ def group_choices() -> dict[str, str]:
         return {}
 
 
+@contextlib.contextmanager
+def stage(stages: dict[str, float], name: str):
+    """Add the wall-clock seconds of the block to `stages[name]` (a cache hit shows as the time to load it)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole run; returns the results dict (also written to `run_dir/results.json`)."""
     started = time.perf_counter()
+    stages: dict[str, float] = {}  # wall-clock per stage of this run → costs.stage_seconds
     cfg = pipeline.finalize_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     cache = ArtifactCache(cfg.paths.artifact_dir)
 
     # Everything that can be wrong with the request fails here, before any training.
-    pipeline.check_machine(cfg)
-    dm = pipeline.build_datamodule(cfg)
-    probe = pipeline.build_tokenizer(cfg, dm)
-    if cfg.train_generator:
-        pipeline.build_generator(cfg, probe, dm.num_classes)
-    extractor, extractor_info = (get_extractor(cfg, dm, cache, pipeline.classifier_key(cfg)) if cfg.evaluate
-                                 else (None, {}))
+    with stage(stages, "setup"):
+        pipeline.check_machine(cfg)
+        dm = pipeline.build_datamodule(cfg)
+        probe = pipeline.build_tokenizer(cfg, dm)
+        if cfg.train_generator:
+            pipeline.build_generator(cfg, probe, dm.num_classes)
+    with stage(stages, "feature_extractor"):
+        extractor, extractor_info = (get_extractor(cfg, dm, cache, pipeline.classifier_key(cfg)) if cfg.evaluate
+                                     else (None, {}))
 
     results: dict = {
         "run_dir": str(run_dir), "started": now(), "choices": group_choices(),
@@ -62,25 +76,31 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(), "git_sha": git_sha(),
         "feature_extractor": extractor_info, "metrics": {}, "costs": {},
     }
-    tokenizer, tokenizer_dir = pipeline.get_tokenizer(cfg, dm, cache)
+    with stage(stages, "tokenizer_train"):
+        tokenizer, tokenizer_dir = pipeline.get_tokenizer(cfg, dm, cache)
     tok_meta = ArtifactCache.meta(tokenizer_dir)
     results["tokenizer_artifact"] = str(tokenizer_dir)
     results["spec"] = tokenizer.spec.to_dict()
     results["costs"]["stage1_img_per_s"] = tok_meta["train_img_per_s"]
     results["costs"]["stage1_seconds"] = tok_meta["train_seconds"]
     if cfg.evaluate:
-        results["metrics"]["tokenizer"] = evaluate_tokenizer(tokenizer, dm, extractor, cfg, run_dir)
+        with stage(stages, "tokenizer_eval"):
+            results["metrics"]["tokenizer"] = evaluate_tokenizer(tokenizer, dm, extractor, cfg, run_dir)
 
     if cfg.train_generator:
-        tokens, labels = pipeline.get_token_cache(cfg, tokenizer, tokenizer_dir, dm, cache)
-        stage2 = pipeline.train_generator(cfg, tokenizer, tokens, labels, dm.num_classes, run_dir)
+        with stage(stages, "encode"):
+            tokens, labels = pipeline.get_token_cache(cfg, tokenizer, tokenizer_dir, dm, cache)
+        with stage(stages, "generator_train"):
+            stage2 = pipeline.train_generator(cfg, tokenizer, tokens, labels, dm.num_classes, run_dir)
         results["costs"]["stage2_img_per_s"] = stage2.steps * stage2.batch_size / max(stage2.seconds, 1e-9)
         results["costs"]["stage2_seconds"] = stage2.seconds
         if cfg.evaluate:
-            reference = reference_metrics(extractor, dm, min(cfg.metrics.num_reference, len(dm.test_set)), cfg)
-            generator = stage2.task.sampler().eval()
-            metrics, _, _ = evaluate_generator(generator, tokenizer, dm, reference, cfg, run_dir)
+            with stage(stages, "generator_eval"):  # reference statistics, sampling, metrics
+                reference = reference_metrics(extractor, dm, min(cfg.metrics.num_reference, len(dm.test_set)), cfg)
+                generator = stage2.task.sampler().eval()
+                metrics, _, _ = evaluate_generator(generator, tokenizer, dm, reference, cfg, run_dir)
             results["metrics"]["generator"] = metrics
+    results["costs"]["stage_seconds"] = {name: round(seconds, 3) for name, seconds in stages.items()}
     results["costs"]["total_seconds"] = time.perf_counter() - started
     results["finished"] = now()
     write_json_atomic(run_dir / RESULTS_FILE, results)

@@ -143,7 +143,7 @@ class ACDiTGenerator(Generator):
                  kv_heads: int | None = None, ffn_hidden: int | None = None, patch_size: int = 1,
                  block_size: int = 16, class_dropout: float = 0.1, rope_base: float = 10000.0,
                  norm_eps: float = 1e-6, time_freq_dim: int = 256, num_train_timesteps: int = 1000,
-                 beta_schedule: str = "linear", attention: str = "auto") -> None:
+                 beta_schedule: str = "linear", label_init_std: float = 0.02, attention: str = "auto") -> None:
         super().__init__()
         require(spec, generator="acdit", ok=spec.kind == "continuous", needs="a continuous tokenizer (tokenizer=vae)")
         h, w = spec.grid
@@ -180,17 +180,18 @@ class ACDiTGenerator(Generator):
         self.register_buffer("train_mask", self.training_mask(), persistent=False)
         self._block_masks: dict[str, object] = {}  # FlexAttention BlockMask per device, built on first use
 
-        self._init_weights()
+        self._init_weights(label_init_std)
         self._last_steps = 25  # steps of the latest `sample` call, for `sampling_cost`
 
-    def _init_weights(self) -> None:
-        """DiT's initialisation: xavier linears, N(0, 0.02) label and time embeddings, adaLN-Zero, zero output."""
+    def _init_weights(self, label_init_std: float) -> None:
+        """DiT's initialisation: xavier linears, N(0, 0.02) time-MLP weights, N(0, label_init_std²) label embeddings
+        (DiT: 0.02), adaLN-Zero, zero output."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=label_init_std)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for layer in [*self.layers, self.final_layer]:
