@@ -11,9 +11,18 @@ Residual (depth) tokens (B, h, w, D) are modelled one of two ways (`depth_mode`)
 Module names follow LlamaGen (`tok_embeddings`, `cls_embedding.embedding_table`, `layers.{i}.attention.wqkv`,
 …, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i weights should load by key (strict=False for
 their `freqs_cis`; not yet tried on a released checkpoint).
+
+Sampling decodes slot by slot against per-layer KV caches, in one of three ways that compute the same function
+(`sample(decode=…)`): `eager` appends to growing caches (`decode`); `static` runs `static_step`, whose shapes never
+change (preallocated `StaticKVCache`s, attention over all N slots with a position mask, the slot index a tensor);
+`compiled` runs `static_step` through `torch.compile(fullgraph=True)`, on CUDA with mode="reduce-overhead" so each
+step replays one CUDA graph (gpt-fast's recipe). Sampling itself (CFG, top-k/p, the RNG) stays eager.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +32,16 @@ from torch import nn
 from arvision.generators.base import Generator, require
 from arvision.generators.sampling import classifier_free_guidance, sample_from_logits
 from arvision.nn import KVCache, LabelEmbedding, RMSNorm, TransformerBlock, grid_positions, rope_2d, with_zero_prefix
+from arvision.nn.attention import StaticKVCache, position_mask
 from arvision.tokenizers.base import TokenSpec
 
 DEPTH_MODES = ("flatten", "head")
+DECODE_MODES = ("eager", "static", "compiled")
+
+# Per generator, the static caches of its latest sampling shape: reused across calls so their addresses stay fixed
+# for CUDA-graph replay, and held outside the module so deepcopy (EMA), pickling and state_dict never see them.
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED_STEPS: dict[str, Callable] = {}  # torch.compile'd `static_step`, one per mode; guards pick the graph
 
 
 class DepthHead(nn.Module):
@@ -176,15 +192,71 @@ class RasterGenerator(Generator):
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
+    def static_step(self, x: torch.Tensor, positions: torch.Tensor, caches: list[StaticKVCache]) -> torch.Tensor:
+        """`decode` of one slot with fixed shapes: x (B, 1, dim) the input of slot `positions` ((1,) long tensor on
+        x's device) → logits (B, 1, vocab) fp32 (with a depth head: the context (B, 1, dim)). Keys and values are
+        written into `caches` at the slot; attention covers all N slots, those after it masked."""
+        rope = self.rope.index_select(0, positions)
+        mask = position_mask(positions, self.seq_len)
+        x = self.tok_dropout(x)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, rope=rope, cache=cache.at(positions), attn_mask=mask)
+        x = self.norm(x)
+        return x if self.depth_mode == "head" else self.output(x).float()
+
+    def static_caches(self, rows: int, device: torch.device) -> list[StaticKVCache]:
+        """Per-layer static caches for `rows` rows, in the dtype the keys will have (the autocast dtype if on):
+        the previous call's when the shape matches (zero-filled again), otherwise fresh ones that replace them."""
+        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.layers[0].attention.wqkv.weight.dtype
+        key = (rows, str(device), dtype)
+        held = _STATIC_CACHES.get(self)
+        if held is not None and held[0] == key:
+            for cache in held[1]:
+                cache.reset()
+            return held[1]
+        attention = self.layers[0].attention
+        caches = [StaticKVCache(rows, attention.kv_heads, self.seq_len, attention.head_dim, dtype=dtype, device=device)
+                  for _ in self.layers]
+        _STATIC_CACHES[self] = (key, caches)
+        return caches
+
+    def slot_stepper(self, decode: str, *, rows: int,
+                     device: torch.device) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """The per-slot forward of one sampling run, (x, t) → output for slot t (see the module docstring)."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode == "eager":
+            caches = self.new_caches()
+            return lambda x, t: self.decode(x, start=t, caches=caches)
+        static = self.static_caches(rows, device)
+        positions = torch.arange(self.seq_len, device=device)  # slot t: the view positions[t:t+1], no host copy
+        if decode == "static":
+            return lambda x, t: self.static_step(x, positions[t:t + 1], static)
+        cuda = device.type == "cuda"
+        mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA-graph replay of the step
+        if mode not in _COMPILED_STEPS:
+            _COMPILED_STEPS[mode] = torch.compile(RasterGenerator.static_step, mode=mode, fullgraph=True)
+        compiled = _COMPILED_STEPS[mode]
+
+        def step(x: torch.Tensor, t: int) -> torch.Tensor:
+            if cuda:  # the previous step's outputs are consumed: the graph may overwrite them
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(self, x, positions[t:t + 1], static)
+        return step
+
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_interval: int = -1) -> torch.Tensor:
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_interval: int = -1,
+               decode: str = "eager") -> torch.Tensor:
         """Sample tokens (B, h, w) or (B, h, w, D) for `labels` (B,).
 
         cfg ≠ 1 runs the conditional rows and null-class rows as one batch of 2B (guided logits
         uncond + cfg·(cond − uncond)); cfg = 1 runs only the B conditional rows. cfg_interval ≥ 0 guides only the
         first `cfg_interval` tokens and then uses the conditional logits (the 2B rows keep running, as in
-        LlamaGen); negative guides every token.
+        LlamaGen); negative guides every token. `decode` = eager | static | compiled runs the spatial transformer's
+        slots as the module docstring says (the depth head, if any, always runs eagerly); all three give the same
+        tokens up to floating-point rounding.
         """
         was_training = self.training
         self.eval()
@@ -192,7 +264,7 @@ class RasterGenerator(Generator):
             guided = cfg != 1.0
             batch = labels.shape[0]
             cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
-            caches = self.new_caches()
+            step = self.slot_stepper(decode, rows=cond.shape[0], device=labels.device)
             shape = (batch, self.seq_len) if self.depth_mode == "flatten" else (batch, self.seq_len, self.levels)
             seq = torch.empty(shape, dtype=torch.long, device=labels.device)
             x = self.cls_embedding(cond)[:, None]  # prefill: the class slot
@@ -209,7 +281,7 @@ class RasterGenerator(Generator):
                 return torch.cat([token, token]) if guided else token
 
             for t in range(self.seq_len):
-                out = self.decode(x, start=t, caches=caches)[:, -1]
+                out = step(x, t)[:, -1]
                 if self.depth_mode == "flatten":
                     seq[:, t] = draw(out, t)
                 else:  # D depth-head passes over this position's codes, with their own small cache

@@ -5,9 +5,17 @@ broadcastable to (B, heads, q_len, k_len), or a FlexAttention `BlockMask` (see `
 masks that should keep a fused kernel on GPU. `is_causal=True` means causal in absolute positions: without a
 cache it is SDPA's own flag (flash kernels stay on); with a cache the new chunk sits at the end of the keys, so
 a lower-right mask is built (none at all for a single query, which may see every key).
+
+Two caches. `KVCache` is preallocated but hands back the keys written so far, `k[:, :, :length]`: a shape that grows
+every step (fine eagerly; a compiled step would recompile or go dynamic). `StaticKVCache` is the fixed-shape one
+for compiled / CUDA-graph decoding (gpt-fast's and HF's static cache): the new keys are written at a *position
+tensor* with `index_copy_`, attention always runs over all `max_len` slots, and `position_mask` hides the slots
+beyond the current position, so every step has the same shapes and the same tensor addresses.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +72,54 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def position_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Bool (n, max_len) for queries at `positions` (n,) long: query i sees the slots 0 … positions[i] (causal in
+    absolute positions; the static cache's unwritten slots beyond are hidden). A tensor op: no host sync."""
+    return torch.arange(max_len, device=positions.device) <= positions[:, None]
+
+
+class StaticSlot(NamedTuple):
+    """A `StaticKVCache` bound to the positions of this step's queries (what `Attention` receives as `cache`)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, n, head_dim) at `positions` in place; return the whole storage."""
+        self.k.index_copy_(2, self.positions, k)
+        self.v.index_copy_(2, self.positions, v)
+        return self.k, self.v
+
+
+class StaticKVCache:
+    """Keys and values of one attention layer in fixed-shape storage (B, kv_heads, max_len, head_dim).
+
+    Allocated up front (batch, dtype and device must be known: under autocast, the autocast dtype) and zero-filled:
+    masked slots still enter the attention product with weight 0, and 0 · NaN from uninitialised memory would be
+    NaN. The storage addresses never change (`mark_static_address`), so a CUDA graph can replay over them; `reset`
+    zero-fills for the next run. Slots are written only at or before the step that reads them, so a reused cache
+    needs no reset for correctness.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        self.max_len = max_len
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        for t in (self.k, self.v):
+            torch._dynamo.mark_static_address(t)
+
+    def at(self, positions: torch.Tensor) -> StaticSlot:
+        """This step's view: its queries sit at `positions` (n,) long, on the storage's device."""
+        return StaticSlot(self.k, self.v, positions)
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
 class Attention(nn.Module):
     """Fused-QKV attention (LlamaGen/Llama layout: `wqkv`, `wo`, no biases); `kv_heads < heads` is GQA."""
 
@@ -77,7 +133,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(dim, dim, bias=False)
         self.resid_dropout = nn.Dropout(resid_dropout)
 
-    def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None,
+                cache: KVCache | StaticSlot | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """x (B, L, dim) → (B, L, dim). `rope` (L, head_dim // 2, 2) holds the new tokens' positions."""
         if is_causal and attn_mask is not None:
@@ -89,7 +146,11 @@ class Attention(nn.Module):
         v = rearrange(v, "b l (h d) -> b h l d", h=self.kv_heads)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cache is not None:
+        if isinstance(cache, StaticSlot):  # fixed shapes: all max_len slots, the caller's position mask
+            if is_causal:
+                raise ValueError("a static cache attends over all its slots: pass position_mask(...) as attn_mask")
+            k, v = cache.append(k, v)
+        elif cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
             if is_causal and past:  # SDPA's is_causal aligns top-left, wrong once keys precede the chunk
