@@ -65,6 +65,7 @@ from einops import rearrange
 from torch import nn
 
 from arvision.generators.base import Generator, require
+from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import classifier_free_guidance, linear_cfg_schedule, sample_from_logits
 from arvision.nn.attention import KVCache, flex
 from arvision.nn.blocks import DropPath
@@ -544,3 +545,78 @@ class NextScaleGenerator(Generator):
     def network_evaluations(self, cfg: float) -> int:
         """K forward passes per sampled batch (the default schedule), whatever the CFG."""
         return len(self.scales)
+
+    # --- zero-shot editing -------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def edit(self, labels: torch.Tensor, known_tokens, known: torch.Tensor, *, cfg: float = 1.0,
+             generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             cfg_schedule: str = "linear", schedule: Sequence[int] | None = None):
+        """In-/out-painting by VAR's zero-shot rule: sample each scale as `sample` does, then overwrite the tokens
+        whose cell is known at that scale with the reference's ground-truth tokens before they reach the
+        accumulator (VAR) or the next scale's input (FlexVAR). At the last scale the known region therefore
+        decodes from ground truth. Returns what `sample` returns.
+
+        `known_tokens`: the tokenizer's tokens of the reference images — VAR mode the K maps of `encode`, FlexVAR
+        mode the grid (B, side, side), whose per-scale ground truth is re-quantised as in training
+        (`quantized_scales`, on the sampling `schedule`). `known`: bool mask (B, H, W) or (H, W) at any resolution
+        (pixels, or the finest token grid); each scale's mask is `editing.known_on_grid(known, n_k)`, so a coarse
+        token is known only if its whole cell is. Every scale still runs its forward pass (later scales attend to
+        its keys); a scale known in every row is not drawn, others are drawn exactly as in `sample`, so an empty
+        mask reproduces `sample` for the same generator state.
+        """
+        schedule = self.check_schedule(schedule)
+        self.guidance(cfg, 0, len(schedule), cfg_schedule)  # validates the schedule name before any work
+        was_training = self.training
+        self.eval()
+        try:
+            guided = cfg != 1.0
+            b, device = labels.shape[0], labels.device
+            if self.residual:
+                if len(known_tokens) != len(schedule) or any(
+                        tuple(t.shape) != (b, n, n) for t, n in zip(known_tokens, schedule)):
+                    raise ValueError(f"known_tokens must be {len(schedule)} maps (B={b}, n, n) for scales "
+                                     f"{schedule}, got {[tuple(t.shape) for t in known_tokens]}")
+                truth = [t.to(device).flatten(1) for t in known_tokens]
+            else:
+                if tuple(known_tokens.shape) != (b, self.side, self.side):
+                    raise ValueError(f"known_tokens must be the grid (B={b}, {self.side}, {self.side}), "
+                                     f"got {tuple(known_tokens.shape)}")
+                truth = [i.flatten(1) for i in self.quantized_scales(known_tokens.to(device), schedule)[0]]
+            known = batch_mask(known, b, device)
+            masks = [known_on_grid(known, n).flatten(1) for n in schedule]
+            drawn = [not m for m in torch.stack([m.all() for m in masks]).tolist()]  # one host read
+            rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+            cond = self.class_emb(rows)
+            positions = self.positions(schedule)
+            caches = [KVCache(positions.shape[1]) for _ in self.blocks]
+            tokenizer = self.tokenizer_on(device)
+            x = self.start_tokens(cond) + positions[:, :schedule[0] ** 2]
+            maps, f_hat, start = [], None, 0
+            for k, n in enumerate(schedule):
+                logits = self.run(x, cond, caches=caches)
+                if drawn[k]:
+                    if guided:
+                        t = self.guidance(cfg, k, len(schedule), cfg_schedule)
+                        logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u
+                    idx = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             generator=generator)
+                    idx = torch.where(masks[k], truth[k], idx)  # the zero-shot rule
+                else:
+                    idx = truth[k]
+                maps.append(rearrange(idx, "b (h w) -> b h w", h=n))
+                start += n * n
+                if k + 1 == len(schedule):
+                    break
+                nxt = schedule[k + 1]
+                if self.residual:
+                    f_hat, inputs = tokenizer.next_scale_input(k, f_hat, idx)
+                else:
+                    code = rearrange(tokenizer.quantize.codebook()[idx], "b (h w) c -> b c h w", h=n)
+                    inputs = self.flex_input(code, nxt)
+                x = self.word_embed(inputs.float()) + positions[:, start:start + nxt * nxt]
+                if guided:
+                    x = torch.cat([x, x])
+            return maps if self.residual else maps[-1]
+        finally:
+            self.train(was_training)

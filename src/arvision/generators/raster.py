@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from arvision.generators.base import Generator, require
+from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import classifier_free_guidance, sample_from_logits
 from arvision.nn import KVCache, LabelEmbedding, RMSNorm, TransformerBlock, grid_positions, rope_2d, with_zero_prefix
 from arvision.nn.attention import StaticKVCache, position_mask
@@ -308,3 +309,72 @@ class RasterGenerator(Generator):
         """Forward passes per sampled batch, whatever the CFG (see `sampling_cost` for the rows): h·w·D flattened,
         h·w spatial + h·w·D depth-head passes with a depth head."""
         return self.sampling_cost(cfg)["passes"]
+
+    # --- zero-shot editing ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def edit(self, labels: torch.Tensor, known_tokens: torch.Tensor, known: torch.Tensor, *, cfg: float = 1.0,
+             generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             cfg_interval: int = -1) -> torch.Tensor:
+        """In-/out-painting (VAR's zero-shot editing, in raster order): tokens shaped as `sample`'s that equal
+        `known_tokens` wherever `known` is True and are sampled elsewhere.
+
+        `known` (B, h, w) bool on the token grid, or a mask at any resolution (pixels (B, H, W) or one (H, W) for
+        the batch) reduced to the grid by `editing.known_on_grid`; a residual position's D codes are known
+        together. Decoding runs in raster order through the KV cache as in `sample`; at a known position the
+        ground-truth token replaces the drawn one before it is fed back, so every later token is conditioned on
+        it. A position known in every row is not drawn at all: runs of such positions (the known prefix
+        included) are fed to the cache in one pass. Unknown tokens are drawn exactly as `sample` draws them (same
+        CFG, cfg_interval, temperature, top-k/p), so an empty mask reproduces `sample` for the same generator state.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            guided = cfg != 1.0
+            batch, device = labels.shape[0], labels.device
+            expected = (batch, *self.spec.grid) + ((self.levels,) if self.spec.layout == "depth" else ())
+            if tuple(known_tokens.shape) != expected:
+                raise ValueError(f"known_tokens must have shape {expected} (the tokenizer's tokens of the "
+                                 f"reference images), got {tuple(known_tokens.shape)}")
+            truth = self.flatten(known_tokens.to(device))
+            seq = truth.clone()  # known slots keep the reference's tokens; the others are drawn
+            forced = rearrange(known_on_grid(batch_mask(known, batch, device), self.spec.grid), "b h w -> b (h w)")
+            if self.depth_mode == "flatten" and self.levels > 1:
+                forced = forced.repeat_interleave(self.levels, dim=1)  # position-major: t = (i·w + j)·D + d
+            todo = [t for t, everywhere in enumerate(forced.all(dim=0).tolist()) if not everywhere]  # one host read
+            if not todo:
+                return self.unflatten(seq)
+            cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
+
+            def draw(logits: torch.Tensor, t: int) -> torch.Tensor:
+                if guided:
+                    cond_logits, uncond_logits = logits.chunk(2)
+                    use_cfg = cfg_interval < 0 or t < cfg_interval
+                    logits = classifier_free_guidance(cond_logits, uncond_logits, cfg) if use_cfg else cond_logits
+                return sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=generator)
+
+            def both(tokens: torch.Tensor) -> torch.Tensor:  # the same tokens for the conditional and null rows
+                return torch.cat([tokens, tokens]) if guided else tokens
+
+            caches = self.new_caches()
+            x = self.cls_embedding(cond)[:, None]  # prefill: the class slot and the known prefix
+            if todo[0]:
+                x = torch.cat([x, self.embed_tokens(both(seq[:, :todo[0]]))], dim=1)
+            start = 0
+            for i, t in enumerate(todo):
+                out = self.decode(x, start=start, caches=caches)[:, -1]  # predicts token t
+                if self.depth_mode == "flatten":
+                    seq[:, t] = torch.where(forced[:, t], truth[:, t], draw(out, t))
+                else:  # the depth head over this position's codes; known rows feed it their own codes
+                    head_caches, head_x, cumulative = self.depth_head.new_caches(), out[:, None], 0
+                    for d in range(self.levels):
+                        code = draw(self.depth_head(head_x, start=d, caches=head_caches)[:, -1], t)
+                        seq[:, t, d] = torch.where(forced[:, t], truth[:, t, d], code)
+                        cumulative = cumulative + self.depth_head.tok_embeddings(both(seq[:, t, d]))
+                        head_x = cumulative[:, None]
+                if i + 1 < len(todo):  # feed token t and the known run after it, up to the next token to draw
+                    x, start = self.embed_tokens(both(seq[:, t:todo[i + 1]]), offset=t), t + 1
+            return self.unflatten(seq)
+        finally:
+            self.train(was_training)
