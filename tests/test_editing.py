@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 from PIL import Image
 
+from arvision import pipeline
 from arvision.cli import sample as sample_cli
 from arvision.cli.common import config_dir
 from arvision.cli.train import train
@@ -90,7 +91,8 @@ def test_regions_halves_are_complements_and_the_centre_is_the_middle_half(size) 
     assert torch.equal(masks["left"], ~masks["right"]) and torch.equal(masks["top"], ~masks["bottom"])
     assert masks["left"][:, 0].all() and masks["top"][0].all() and masks["right"][:, -1].all()
     rows, cols = masks["center"].nonzero().unbind(1)
-    assert rows.min() == h // 4 and rows.max() == h - h // 4 - 1 and cols.min() == w // 4 and cols.max() == w - w // 4 - 1
+    assert rows.min() == h // 4 and rows.max() == h - h // 4 - 1
+    assert cols.min() == w // 4 and cols.max() == w - w // 4 - 1
     assert masks["center"].sum() == (h - 2 * (h // 4)) * (w - 2 * (w // 4))
     for name in REGIONS:
         assert torch.equal(known_pixels("inpaint", name, h, w), ~known_pixels("outpaint", name, h, w))
@@ -412,7 +414,6 @@ def test_cli_writes_the_edited_npz_and_the_grid(runs, kind, edit, mask, generate
     assert npz["originals"].shape == (18, 32, 32, 1) and npz["masks"].shape == (18, 32, 32)
     assert npz["masks"].dtype == bool and npz["masks"].mean() == pytest.approx(generated)
     assert torch.equal(torch.from_numpy(npz["masks"][0]), ~known_pixels(edit, mask, 32, 32))
-    from arvision import pipeline
     dm = pipeline.build_datamodule(compose_train(["debug=tiny", "data=shapes"], runs[kind].parent))
     originals, labels = dm.reference_images(18)
     assert np.array_equal(npz["labels"], labels.numpy())
@@ -429,7 +430,7 @@ def test_cli_names_the_generators_that_can_edit(runs, capsys) -> None:
     with pytest.raises(sample_cli.EditError) as err:
         sample_cli.export(sample_cfg(runs["flowar"], "edit=inpaint", "num_samples=4"))
     message = str(err.value)
-    assert "\n" not in message and "got" not in message and "flowar" in message
+    assert "\n" not in message and "flowar" in message
     assert all(name in message for name in EDITABLE)
     with pytest.raises(SystemExit):
         sample_cli.main.__wrapped__(sample_cfg(runs["flowar"], "edit=inpaint", "num_samples=4"))
