@@ -159,7 +159,8 @@ def bench_sampling(generator: Generator, tokenizer: Tokenizer, *, batch_size: in
         with autocast(device, precision):
             tokenizer.decode(tokens[0])
 
-    out: dict[str, Any] = {"batch_size": batch_size, "cfg": cfg, "precision": precision}
+    # the settings as run (e.g. raster's decode=eager|static|compiled, the fast path being measured)
+    out: dict[str, Any] = {"batch_size": batch_size, "cfg": cfg, "precision": precision, "sampling": dict(sampling)}
     with peak_memory(device, out):
         sample_s = statistics.median(timed(sample, warmup=warmup, repeats=repeats, device=device))
         decode_s = statistics.median(timed(decode, warmup=warmup, repeats=repeats, device=device))

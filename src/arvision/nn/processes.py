@@ -30,6 +30,9 @@ then the null-class rows); the guided prediction is uncond + cfg·(cond − unco
 (low ≤ t ≤ high, in the process's time units: t ∈ [0, 1] for the flow, integer timesteps for DDPM) the guided
 prediction is used, outside it the conditional one — the batch stays doubled, as in FlowAR, so the closure's row
 layout never changes. Every sampler returns `Sampled(sample, evaluations)`, the number of `model_fn` calls.
+
+No sampler reads a device tensor on the host: the time grids and ᾱ values that drive the Python loops are built on
+the CPU (or kept as Python floats) before the loop, so a GPU sampling loop never waits for the device.
 """
 
 from __future__ import annotations
@@ -201,7 +204,7 @@ class RectifiedFlow:
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, sampler: str = "euler", steps: int = 25,
                grid: str = "flowar", cfg: float = 1.0, guidance_interval: tuple[float, float] = ALWAYS,
                step_noise: NoiseSource = None, generator: torch.Generator | None = None) -> Sampled:
-        timesteps = time_grid(grid, steps, device=noise.device)
+        timesteps = time_grid(grid, steps, device="cpu")  # the solvers read it as Python floats: no device sync
         if sampler == "euler":
             return self.euler(model_fn, noise, timesteps, cfg=cfg, guidance_interval=guidance_interval)
         if sampler == "heun":
@@ -221,13 +224,14 @@ class RectifiedFlow:
 
 
 def betas_for(schedule: str, num_steps: int) -> torch.Tensor:
-    """β_t (float64, (num_steps,)): `linear` in [1e-4, 0.02] (scaled to num_steps as in IDDPM, equal to diffusers'
-    default at 1000) or `cosine` (IDDPM: ᾱ(s) = cos²((s + 0.008)/1.008·π/2), β ≤ 0.999)."""
+    """β_t (float64, (num_steps,), on the CPU whatever the default device: a host table): `linear` in [1e-4, 0.02]
+    (scaled to num_steps as in IDDPM, equal to diffusers' default at 1000) or `cosine` (IDDPM:
+    ᾱ(s) = cos²((s + 0.008)/1.008·π/2), β ≤ 0.999)."""
     if schedule == "linear":
         scale = 1000 / num_steps
-        return torch.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=torch.float64, device="cpu")
     if schedule == "cosine":
-        s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        s = torch.arange(num_steps + 1, dtype=torch.float64, device="cpu") / num_steps
         alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
@@ -241,6 +245,7 @@ class GaussianDiffusion:
         self.beta_schedule = beta_schedule
         self.betas = betas_for(beta_schedule, num_train_timesteps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # float64, ᾱ_t for t = 0 … T − 1
+        self.alpha_bars: list[float] = self.alphas_cumprod.tolist()  # the samplers' host copy: no tensor reads
         self._tables: dict[torch.device, torch.Tensor] = {}  # ᾱ on each device it is used on
 
     def _alpha_bar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
@@ -301,8 +306,8 @@ class GaussianDiffusion:
         ts = self.inference_timesteps(steps, spacing)
         for i, t in enumerate(ts):
             prev = ts[i + 1] if i + 1 < len(ts) else -1
-            a = self.alphas_cumprod[t].item()
-            a_prev = self.alphas_cumprod[prev].item() if prev >= 0 else 1.0
+            a = self.alpha_bars[t]
+            a_prev = self.alpha_bars[prev] if prev >= 0 else 1.0
             eps = guided(eps_fn, x.to(dtype), t, cfg=cfg, guidance_interval=guidance_interval).to(state_dtype)
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
@@ -323,8 +328,8 @@ class GaussianDiffusion:
         """
         dtype, x = noise.dtype, noise.to(state_dtype)
         ts = self.inference_timesteps(steps, spacing)
-        alphas = [math.sqrt(self.alphas_cumprod[t].item()) for t in ts] + [1.0]
-        sigmas = [math.sqrt(1 - self.alphas_cumprod[t].item()) for t in ts] + [0.0]
+        alphas = [math.sqrt(self.alpha_bars[t]) for t in ts] + [1.0]
+        sigmas = [math.sqrt(1 - self.alpha_bars[t]) for t in ts] + [0.0]
         lambdas = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
         x0_prev: torch.Tensor | None = None
         for i, t in enumerate(ts):

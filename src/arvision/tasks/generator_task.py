@@ -1,4 +1,10 @@
-"""Stage 2: train a generator on pre-encoded tokens of the frozen tokenizer, with an EMA of its weights."""
+"""Stage 2: train a generator on pre-encoded tokens of the frozen tokenizer, with an EMA of its weights.
+
+`compile=True` (the config's `train.compile`) runs the generator's `loss` through `torch.compile` (the forward
+and, by AOTAutograd, its backward); the parameters, the optimiser, the checkpoint keys, the EMA copy and sampling
+are untouched and stay eager. It is built on the first training step and never pickled (spawned DDP ranks build
+their own).
+"""
 
 from __future__ import annotations
 
@@ -24,12 +30,28 @@ class GeneratorTask(ResumableTask):
         warmup_steps: int = 100,
         max_steps: int = 1000,
         ema_decay: float = 0.999,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.generator = generator
         self.ema = EMA(generator, decay=ema_decay)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.compile = compile
+        self._compiled_loss = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_compiled_loss"] = None  # a compiled callable does not pickle; it is rebuilt on first use
+        return state
+
+    def loss_fn(self):
+        """The generator's `loss`, compiled once on first use when `compile` is set."""
+        if not self.compile:
+            return self.generator.loss
+        if self._compiled_loss is None:
+            self._compiled_loss = torch.compile(self.generator.loss)
+        return self._compiled_loss
 
     def configure_optimizers(self):
         opt = adamw(self.generator, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
@@ -38,7 +60,7 @@ class GeneratorTask(ResumableTask):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         tokens, labels = batch
-        out = self.generator.loss(tokens, labels)
+        out = self.loss_fn()(tokens, labels)
         loss = out["loss"]
         if not math.isfinite(loss.item()):
             raise NonFiniteLoss(f"stage-2 loss is {loss.item()} at step {self.global_step}; stopped, the last good "
