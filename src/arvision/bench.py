@@ -88,7 +88,7 @@ def peak_memory(device: torch.device, out: dict[str, Any]):
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
+    if precision in ("fp32", "tf32"):  # tf32: fp32 tensors; the TF32 matmul flag is the caller's device setting
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=device.type, dtype=dtype)

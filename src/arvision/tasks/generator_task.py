@@ -3,7 +3,9 @@
 `compile=True` (the config's `train.compile`) runs the generator's `loss` through `torch.compile` (the forward
 and, by AOTAutograd, its backward); the parameters, the optimiser, the checkpoint keys, the EMA copy and sampling
 are untouched and stay eager. It is built on the first training step and never pickled (spawned DDP ranks build
-their own).
+their own). Random draws inside the loss (dropout, timesteps, noise) come from Inductor's own generator, so a
+compiled run follows a different random stream than an eager one (`torch._inductor.config.fallback_random=True`
+restores eager's, as the equivalence test does).
 """
 
 from __future__ import annotations
