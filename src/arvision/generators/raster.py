@@ -205,9 +205,11 @@ class RasterGenerator(Generator):
         x = self.norm(x)
         return x if self.depth_mode == "head" else self.output(x).float()
 
+    @torch.inference_mode()
     def static_caches(self, rows: int, device: torch.device) -> list[StaticKVCache]:
         """Per-layer static caches for `rows` rows, in the dtype the keys will have (the autocast dtype if on):
-        the previous call's when the shape matches (zero-filled again), otherwise fresh ones that replace them."""
+        the previous call's when the shape matches (zero-filled again), otherwise fresh ones that replace them.
+        Inference tensors, like everything `sample` makes: write them under inference mode."""
         autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else self.layers[0].attention.wqkv.weight.dtype
         key = (rows, str(device), dtype)
