@@ -93,7 +93,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cfg, tmp_path, monkeypatch)
     assert (tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt").exists()
     assert not (tmp_path / "resumed" / "generator.pt").exists()
     monkeypatch.setattr(GeneratorTask, "training_step", original)
-    train(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from step 4
+    resumed = train(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from step 4
+    stage2 = resumed["costs"]
+    assert stage2["stage2_img_per_s"] == pytest.approx(4 * 16 / stage2["stage2_seconds"])  # only the 4 steps it ran
 
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
     for part in ("generator", "ema"):

@@ -130,18 +130,20 @@ def instantiate_dict(node: DictConfig | None) -> list:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | None) -> float:
-    """Fit, resuming from `ckpt_path` when it exists; returns the wall-clock seconds of this call."""
+def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | None) -> tuple[float, int]:
+    """Fit, resuming from `ckpt_path` when it exists; returns the wall-clock seconds of this call and the training
+    steps it ran (fewer than max_steps after a resume, so img/s stays honest)."""
     resume = str(ckpt_path) if ckpt_path is not None and Path(ckpt_path).exists() else None
+    done = 0
     if resume:
         log.info("resuming from %s", resume)
-        loader.sampler.start_step = completed_steps(resume)
+        done = loader.sampler.start_step = completed_steps(resume)
     start = time.perf_counter()
     trainer.fit(task, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
     if trainer.interrupted:  # Lightning swallows Ctrl-C; the run must not carry on as if training had finished
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; rerun into the same run directory "
                                 f"to resume from {trainer.default_root_dir}/last.ckpt")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, task.completed_steps() - done
 
 
 # --------------------------------------------------------------------------------------------- stage 1
@@ -160,7 +162,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
                            ckpt_dir=work_dir, loggers=instantiate_dict(cfg.get("logger")),
                            callbacks=instantiate_dict(cfg.get("callbacks")))
     log.info("stage 1: training tokenizer=%s for %d steps", cfg.tokenizer.name, train.max_steps)
-    seconds = fit(trainer, task, loader, work_dir / "last.ckpt")
+    seconds, steps_run = fit(trainer, task, loader, work_dir / "last.ckpt")
     calibration: dict[str, float] = {}
     if hasattr(tokenizer, "calibrate_scaling"):
         # Continuous tokenizers: unit-variance latents for stage 2 (LDM), measured once on training images.
@@ -174,7 +176,8 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
                 "image_size": dm.image_size, "image_channels": dm.channels}, out_dir / "tokenizer.pt")
     return {"kind": "tokenizer", "name": cfg.tokenizer.name, "spec": tokenizer.spec.to_dict(),
             "train_seconds": seconds, "train_steps": train.max_steps,
-            "train_img_per_s": train.max_steps * train.batch_size * trainer.world_size / max(seconds, 1e-9),
+            "train_steps_timed": steps_run,
+            "train_img_per_s": steps_run * train.batch_size * trainer.world_size / max(seconds, 1e-9),
             "perceptual_loss": task.perceptual_active, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True),
             "data": data_identity(cfg), "seed": cfg.seed, **calibration}
 
@@ -227,7 +230,7 @@ def get_token_cache(cfg: DictConfig, tokenizer: Tokenizer, tokenizer_dir: Path, 
 class Stage2:
     task: GeneratorTask
     seconds: float
-    steps: int
+    steps: int       # optimizer steps run in this call (timed)
     batch_size: int  # global: per-process batch × world size
 
 
@@ -246,11 +249,11 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
                            callbacks=instantiate_dict(cfg.get("callbacks")), grad_clip=train.grad_clip)
     ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else ckpt_dir / "last.ckpt"
     log.info("stage 2: training generator=%s for %d steps", cfg.generator.name, train.max_steps)
-    seconds = fit(trainer, task, loader, ckpt)
+    seconds, steps_run = fit(trainer, task, loader, ckpt)
     torch.save({"generator": task.generator.state_dict(), "ema": task.ema.module.state_dict(),
                 "config": OmegaConf.to_container(cfg.generator.model, resolve=True), "num_classes": num_classes},
                run_dir / "generator.pt")
-    return Stage2(task=task, seconds=seconds, steps=train.max_steps, batch_size=train.batch_size * trainer.world_size)
+    return Stage2(task=task, seconds=seconds, steps=steps_run, batch_size=train.batch_size * trainer.world_size)
 
 
 def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> Generator:
