@@ -44,7 +44,8 @@ def test_tiny_run_writes_results_with_provenance(tiny_cfg, tmp_path):
     assert npz["arr_0"].shape == (cfg.metrics.num_samples, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
     stages = results["costs"]["stage_seconds"]  # every stage timed, and together within the run's wall-clock
     assert set(stages) == {"setup", "feature_extractor", "tokenizer_train", "tokenizer_eval", "encode",
-                           "generator_train", "generator_eval"}
+                           "generator_train", "reference_stats", "generator_sampling", "generator_metrics",
+                           "generator_test_loss", "generator_eval"}
     assert all(s >= 0 for s in stages.values()) and sum(stages.values()) <= results["costs"]["total_seconds"] + 1e-3
     assert stages["generator_train"] >= results["costs"]["stage2_seconds"]
 

@@ -169,8 +169,11 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
     m = cfg.metrics
     sampling = dict(cfg.generator.sample)
     labels = balanced_labels(m.num_samples, dm.num_classes)
+    started = time.perf_counter()
     images, seconds = sample_images(generator, tokenizer, labels, batch_size=m.batch_size, seed=m.seed,
                                     **sampling)
+    stage_seconds = {"sampling": time.perf_counter() - started}  # warm-up batch and decode included
+    started = time.perf_counter()
     reference.reset(keep_real=True)
     for img, lab in zip(images.split(m.batch_size), labels.split(m.batch_size)):
         reference.update_fake(img, lab)
@@ -181,6 +184,7 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
                              ("recall", "recall"), ("accuracy", "accuracy")] if key in gen}
     out["is_std"] = gen["is_std"]
     out["kid_std"] = gen["kid_std"]
+    stage_seconds["metrics"] = time.perf_counter() - started  # fake features + FID/IS/KID/PR/accuracy
     out["sample_img_per_s"] = metric(n / seconds, device=str(next(generator.parameters()).device),
                                      batch_size=m.batch_size, **sampling)
     out["nfe_per_image"] = generator.network_evaluations(sampling.get("cfg", 1.0))
@@ -189,8 +193,11 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
         out["sampling_cost"] = cost(sampling.get("cfg", 1.0))
     out["params"] = count_parameters(generator)
     n_test = min(m.num_reference, len(dm.test_set))  # held-out loss: the y-axis of scaling-law fits
+    started = time.perf_counter()
     out["test_loss"] = metric(test_loss(generator, dm, num_images=n_test, batch_size=m.batch_size, seed=m.seed,
                                         device=next(generator.parameters()).device), num_samples=n_test, split="test")
+    stage_seconds["test_loss"] = time.perf_counter() - started
+    out["stage_seconds"] = stage_seconds
     if out_dir is not None:
         save_class_grid(images, labels, out_dir / "samples.png")
         np.savez(out_dir / "samples.npz", arr_0=to_uint8(images), labels=labels.numpy())

@@ -240,7 +240,8 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
     generator = build_generator(cfg, tokenizer, num_classes)
     train = cfg.generator.train
     task = GeneratorTask(generator=generator, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
-                         warmup_steps=train.warmup_steps, max_steps=train.max_steps, ema_decay=train.ema_decay)
+                         warmup_steps=train.warmup_steps, max_steps=train.max_steps, ema_decay=train.ema_decay,
+                         compile=train.get("compile", False))
     loader = step_loader(TokenDataset(tokens, labels), batch_size=train.batch_size, num_steps=train.max_steps,
                          seed=cfg.seed)
     ckpt_dir = run_dir / "checkpoints" / "generator"

@@ -30,7 +30,9 @@ HEADERS = {
     "cfg.sample_steps": "sampling steps", "cost.stage2_seconds": "stage-2 s", "cost.total_seconds": "total s",
     "cost.stage.feature_extractor": "extractor s", "cost.stage.tokenizer_train": "tokenizer s",
     "cost.stage.tokenizer_eval": "tok. eval s", "cost.stage.encode": "encode s",
-    "cost.stage.generator_train": "generator s", "cost.stage.generator_eval": "gen. eval s",
+    "cost.stage.generator_train": "generator s", "cost.stage.reference_stats": "reference s",
+    "cost.stage.generator_sampling": "sampling s", "cost.stage.generator_metrics": "metrics s",
+    "cost.stage.generator_test_loss": "test-loss s", "cost.stage.generator_eval": "grids s",
 }
 
 DEFAULT_LAYOUT = ["tokenizer", "generator", "data", "gen.params", "tok.psnr", "tok.usage", "gen.fid", "gen.is",
@@ -42,7 +44,8 @@ PARADIGMS_LAYOUT = [*VAR_LAYOUT, "gen.accuracy", "gen.sample_img_per_s", "cost.s
 # Where a run's wall-clock went (a cached tokenizer, token cache or classifier shows as its load time).
 STAGES_LAYOUT = ["tokenizer", "generator", "cost.stage.feature_extractor", "cost.stage.tokenizer_train",
                  "cost.stage.tokenizer_eval", "cost.stage.encode", "cost.stage.generator_train",
-                 "cost.stage.generator_eval", "cost.total_seconds"]
+                 "cost.stage.reference_stats", "cost.stage.generator_sampling", "cost.stage.generator_metrics",
+                 "cost.stage.generator_test_loss", "cost.stage.generator_eval", "cost.total_seconds"]
 LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT, "paradigms": PARADIGMS_LAYOUT, "stages": STAGES_LAYOUT}
 
 

@@ -29,8 +29,10 @@ def resolve_device(cfg: DictConfig) -> tuple[torch.device, str]:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device=cuda needs a CUDA GPU and none is visible; use device=cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision not in ("fp32", "tf32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, tf32, bf16 or fp16, got {precision!r}")
+    if device.type == "cuda":  # tf32: fp32 tensors, TF32 matmuls and convolutions (FlowAR trains so)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     return device, precision
 
 

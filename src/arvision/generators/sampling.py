@@ -48,8 +48,11 @@ def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k:
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
-    probs = logits.softmax(dim=-1).reshape(-1, logits.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+    probs = logits.softmax(dim=-1)
+    # torch.multinomial(probs, 1)'s own algorithm, argmax(p / q) with q ~ Exp(1) (the same draws from the same
+    # generator, so the same tokens), without its two input checks that each read a device tensor on the host
+    q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / q).argmax(dim=-1)
 
 
 def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -28,7 +28,7 @@ def segment_ids(lengths: Sequence[int], *, device: torch.device | str | None = N
     if any(n <= 0 for n in lengths):
         raise ValueError(f"segment lengths must be positive, got {list(lengths)}")
     return torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                   torch.as_tensor(list(lengths), device=device))
+                                   torch.as_tensor(list(lengths), device=device), output_size=sum(lengths))
 
 
 def block_causal_mask(lengths: Sequence[int], *, device: torch.device | str | None = None) -> torch.Tensor:
