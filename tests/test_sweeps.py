@@ -35,6 +35,18 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     assert len(logs) == 2
 
 
+def test_joblib_launcher_runs_the_sweep_jobs_in_parallel_processes(tmp_path):
+    # make demo's launcher: two jobs at once, each in its own worker process, sharing the artifact cache.
+    done = _train(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "debug=tiny", "data=shapes",
+                  "train_generator=false", "evaluate=false", "tokenizer.model.vocab_size=16,32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    results = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
+    assert sorted(r["spec"]["vocab_size"] for r in results) == [16, 32]
+    launchers = {yaml.safe_load(p.read_text())["hydra"]["launcher"]["_target_"] for p in sweep.rglob("hydra.yaml")}
+    assert launchers == {"hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"}
+
+
 def test_optuna_sweeper_minimises_the_generator_fid(tmp_path):
     done = _train(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "debug=tiny", "data=shapes")
     assert done.returncode == 0, done.stderr[-3000:]
