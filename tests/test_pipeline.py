@@ -33,6 +33,7 @@ def test_tiny_run_writes_results_with_provenance(tiny_cfg, tmp_path):
         assert np.isfinite(gen[name]["value"])
     assert 0.0 <= gen["accuracy"]["value"] <= 1.0 and gen["nfe_per_image"] == 64
     assert gen["sample_img_per_s"]["value"] > 0 and gen["params"] > 0
+    assert gen["latency_img_per_s"]["value"] > 0 and gen["latency_img_per_s"]["batch_size"] == 1  # small-batch regime
     assert 0 < tok["usage"]["value"] <= 1 and tok["psnr"]["value"] > 0
     assert results["spec"]["grid"] == [8, 8] and results["versions"]["torch"] == torch.__version__.split("+")[0] \
         or results["versions"]["torch"].startswith(torch.__version__.split("+")[0])
@@ -45,7 +46,7 @@ def test_tiny_run_writes_results_with_provenance(tiny_cfg, tmp_path):
     stages = results["costs"]["stage_seconds"]  # every stage timed, and together within the run's wall-clock
     assert set(stages) == {"setup", "feature_extractor", "tokenizer_train", "tokenizer_eval", "encode",
                            "generator_train", "reference_stats", "generator_sampling", "generator_metrics",
-                           "generator_test_loss", "generator_eval"}
+                           "generator_test_loss", "generator_latency", "generator_eval"}
     assert all(s >= 0 for s in stages.values()) and sum(stages.values()) <= results["costs"]["total_seconds"] + 1e-3
     assert stages["generator_train"] >= results["costs"]["stage2_seconds"]
 

@@ -6,6 +6,7 @@ Every metric is stored with the feature extractor and the number of samples that
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,28 @@ def sample_images(generator: Generator, tokenizer: Tokenizer, labels: torch.Tens
     return torch.cat(chunks), time.perf_counter() - start
 
 
+def latency(generator: Generator, tokenizer: Tokenizer, labels: torch.Tensor, *, batch_size: int, repeats: int,
+            seed: int, **sampling: Any) -> dict[str, Any]:
+    """img/s of sampling small batches (decode included), the median of `repeats` timed batches after a warm-up:
+    the latency-bound regime where the number of sequential passes decides (VAR's speed claim), unlike the
+    throughput of the large evaluation batches."""
+    device = next(generator.parameters()).device
+    batch = labels[:batch_size]
+    rng = torch.Generator(device=device).manual_seed(seed)
+    times = []
+    for i in range(repeats + 1):  # the first is warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        tokenizer.decode(generator.sample(batch.to(device), generator=rng, **sampling))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return metric(len(batch) / statistics.median(times), device=str(device), batch_size=len(batch), repeats=repeats,
+                  **sampling)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (N, C, H, W) → uint8 (N, H, W, C), rounding as the ADM/VAR exporters do."""
     x = ((images * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
@@ -187,6 +210,11 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
     stage_seconds["metrics"] = time.perf_counter() - started  # fake features + FID/IS/KID/PR/accuracy
     out["sample_img_per_s"] = metric(n / seconds, device=str(next(generator.parameters()).device),
                                      batch_size=m.batch_size, **sampling)
+    if m.get("latency_batch_size"):
+        started = time.perf_counter()
+        out["latency_img_per_s"] = latency(generator, tokenizer, labels, batch_size=m.latency_batch_size,
+                                           repeats=m.get("latency_repeats", 3), seed=m.seed, **sampling)
+        stage_seconds["latency"] = time.perf_counter() - started
     out["nfe_per_image"] = generator.network_evaluations(sampling.get("cfg", 1.0))
     cost = getattr(generator, "sampling_cost", None)
     if cost is not None:  # passes split into backbone and head where a paradigm has both

@@ -22,7 +22,7 @@ HEADERS = {
     "tokenizer": "tokenizer", "generator": "generator", "data": "data", "type": "type", "model": "model",
     "gen.params": "params", "tok.params": "tok. params", "gen.fid": "FID", "gen.is": "IS", "gen.kid": "KID",
     "gen.precision": "precision", "gen.recall": "recall", "gen.accuracy": "accuracy", "gen.nfe_per_image": "NFE",
-    "gen.sample_img_per_s": "img/s", "s_per_image": "s/image", "steps": "steps", "relative_time": "relative time",
+    "gen.sample_img_per_s": "img/s", "gen.latency_img_per_s": "latency img/s", "s_per_image": "s/image", "steps": "steps", "relative_time": "relative time",
     "tok.psnr": "PSNR", "tok.ssim": "SSIM", "tok.rfid": "rFID", "tok.usage": "usage", "tok.perplexity": "perplexity",
     "eval.fid": "FID (eval)", "eval.sfid": "sFID (eval)", "eval.is": "IS (eval)", "eval.precision": "precision (eval)",
     "eval.recall": "recall (eval)", "eval.num_samples": "N (eval)", "eval.device": "device (eval)",
@@ -40,7 +40,8 @@ DEFAULT_LAYOUT = ["tokenizer", "generator", "data", "gen.params", "tok.psnr", "t
 VAR_LAYOUT = ["type", "model", "gen.params", "gen.fid", "gen.is", "gen.precision", "gen.recall", "steps",
               "relative_time"]
 # The paradigm comparison (make demo): VAR's columns plus what a small class-conditional run is judged by.
-PARADIGMS_LAYOUT = [*VAR_LAYOUT, "gen.accuracy", "gen.sample_img_per_s", "cost.stage2_seconds", "tok.psnr"]
+PARADIGMS_LAYOUT = [*VAR_LAYOUT, "gen.accuracy", "gen.sample_img_per_s", "gen.latency_img_per_s",
+                    "cost.stage2_seconds", "tok.psnr"]
 # Where a run's wall-clock went (a cached tokenizer, token cache or classifier shows as its load time).
 STAGES_LAYOUT = ["tokenizer", "generator", "cost.stage.feature_extractor", "cost.stage.tokenizer_train",
                  "cost.stage.tokenizer_eval", "cost.stage.encode", "cost.stage.generator_train",
