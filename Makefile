@@ -34,11 +34,12 @@ data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is availabl
 
 # The paradigm comparison at a CPU budget: 4 generators on their 3 tokenizers, 10k training images, 40% of the step
 # budgets, 500 samples per paradigm against 2,000 test images. Two jobs run at once (joblib launcher, one thread
-# each: on 2 cores that beats one 2-thread job at a time); the order lets acdit start once flowar has built the vae
-# they share. DEMO_DIR collects the four runs; the tables and the per-paradigm sample grids come from there.
+# each: on 2 cores that beats one 2-thread job at a time). The order balances the two workers (next_scale then acdit,
+# flowar then raster) and starts acdit after flowar has built the vae they share (a file lock makes it wait, not
+# retrain). DEMO_DIR collects the four runs; the tables and the per-paradigm sample grids come from there.
 DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_DIR ?= outputs/demo/$(DEMO_STAMP)
-PARADIGMS ?= raster,flowar,next_scale,acdit
+PARADIGMS ?= next_scale,flowar,acdit,raster
 DEMO_JOBS ?= 2
 demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 15 min): four runs, one table, sample grids
 	OMP_NUM_THREADS=1 $(VENV)/bin/arvision-train -m experiment=paradigms paradigm=$(PARADIGMS) budget=0.4 \
