@@ -524,18 +524,23 @@ class NextScaleGenerator(Generator):
                 start += n * n
                 if k + 1 == len(schedule):
                     break
-                nxt = schedule[k + 1]
-                if self.residual:
-                    f_hat, inputs = tokenizer.next_scale_input(k, f_hat, idx)
-                else:
-                    code = rearrange(tokenizer.quantize.codebook()[idx], "b (h w) c -> b c h w", h=n)
-                    inputs = self.flex_input(code, nxt)
-                x = self.word_embed(inputs.float()) + positions[:, start:start + nxt * nxt]
-                if guided:
-                    x = torch.cat([x, x])
+                f_hat, x = self.next_scale_tokens(tokenizer, k, idx, f_hat, schedule, positions[:, start:], guided)
             return maps if self.residual else maps[-1]
         finally:
             self.train(was_training)
+
+    def next_scale_tokens(self, tokenizer, k: int, idx: torch.Tensor, f_hat, schedule: tuple[int, ...],
+                          positions: torch.Tensor, guided: bool):
+        """Scale k's sampled indices → the embedded input tokens of scale k + 1 (positions start at that scale),
+        doubled for CFG; returns the updated accumulator f̂ (VAR) and those tokens. Shared by `sample` and `edit`."""
+        n, nxt = schedule[k], schedule[k + 1]
+        if self.residual:
+            f_hat, inputs = tokenizer.next_scale_input(k, f_hat, idx)
+        else:
+            code = rearrange(tokenizer.quantize.codebook()[idx], "b (h w) c -> b c h w", h=n)
+            inputs = self.flex_input(code, nxt)
+        x = self.word_embed(inputs.float()) + positions[:, :nxt * nxt]
+        return f_hat, torch.cat([x, x]) if guided else x
 
     def sampling_cost(self, cfg: float) -> dict[str, int]:
         """Forward passes per sampled batch (one per scale of the default schedule) and the rows each pass runs as
@@ -608,15 +613,7 @@ class NextScaleGenerator(Generator):
                 start += n * n
                 if k + 1 == len(schedule):
                     break
-                nxt = schedule[k + 1]
-                if self.residual:
-                    f_hat, inputs = tokenizer.next_scale_input(k, f_hat, idx)
-                else:
-                    code = rearrange(tokenizer.quantize.codebook()[idx], "b (h w) c -> b c h w", h=n)
-                    inputs = self.flex_input(code, nxt)
-                x = self.word_embed(inputs.float()) + positions[:, start:start + nxt * nxt]
-                if guided:
-                    x = torch.cat([x, x])
+                f_hat, x = self.next_scale_tokens(tokenizer, k, idx, f_hat, schedule, positions[:, start:], guided)
             return maps if self.residual else maps[-1]
         finally:
             self.train(was_training)
