@@ -30,7 +30,7 @@ from torch import nn
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
 from arvision.tokenizers.nets import Decoder, Encoder, latent_side
-from arvision.tokenizers.quantize import nearest_code, restart_dead_codes, usage_and_perplexity
+from arvision.tokenizers.quantize import balanced_rows, nearest_code, restart_dead_codes, usage_and_perplexity
 
 # VAR's 256-pixel schedule (16×16 latent): K = 10 scales, 680 tokens.
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -89,9 +89,12 @@ class MultiScaleQuantizer(nn.Module):
 
     def __init__(self, *, vocab_size: int, dim: int, scales: Sequence[int], beta: float = 0.25,
                  phi_kernel: int = 3, phi_ratio: float = 0.5, phi_count: int = 4, l2_norm: bool = False,
-                 restart_unused: bool = False) -> None:
+                 restart_unused: bool = False, restart_patience: int = 1, restart_balanced: bool = False) -> None:
         super().__init__()
-        self.restart_unused = restart_unused
+        if restart_patience < 1:
+            raise ValueError(f"restart_patience must be ≥ 1 (batches without a choice), got {restart_patience}")
+        self.restart_unused, self.restart_patience, self.restart_balanced = (restart_unused, restart_patience,
+                                                                             restart_balanced)
         if not scales:
             raise ValueError("scales must not be empty")
         self.scales = check_scales(scales, scales[-1])
@@ -108,6 +111,10 @@ class MultiScaleQuantizer(nn.Module):
         self.quant_resi = nn.ModuleList(
             [Phi(dim, phi_kernel, phi_ratio) if abs(phi_ratio) > 1e-6 else nn.Identity() for _ in range(count)])
         self.phi_of_scale = tuple(phi_index(k, len(self.scales), count) for k in range(len(self.scales)))
+        if restart_unused and restart_patience > 1:  # batches since each code was last chosen by any scale
+            self.register_buffer("idle_steps", torch.zeros(vocab_size, dtype=torch.long))
+        else:
+            self.idle_steps = None
 
     @property
     def num_scales(self) -> int:
@@ -169,8 +176,9 @@ class MultiScaleQuantizer(nn.Module):
                 stats[f"usage_s{k}"], stats[f"perplexity_s{k}"] = usage_and_perplexity(idx, self.vocab_size)
             f_hat_st = f + (f_hat - f).detach()  # straight-through: the decoder's gradient goes to the encoder
             if self.training and self.restart_unused:  # one shared codebook: a code is dead if no scale chose it
-                restart_dead_codes(self.embedding.weight, torch.cat(chosen),
-                                   torch.cat([i.flatten() for i in indices]))
+                pool = balanced_rows(chosen, self.vocab_size) if self.restart_balanced else torch.cat(chosen)
+                restart_dead_codes(self.embedding.weight, pool, torch.cat([i.flatten() for i in indices]),
+                                   self.idle_steps, self.restart_patience)
         stats["usage"] = torch.stack([stats[f"usage_s{k}"] for k in range(self.num_scales)]).mean()
         stats["perplexity"] = torch.stack([stats[f"perplexity_s{k}"] for k in range(self.num_scales)]).mean()
         losses = {"codebook_loss": codebook_loss / self.num_scales, "commit_loss": commit_loss / self.num_scales}
@@ -225,7 +233,9 @@ class MultiScaleQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, dim={self.dim}, scales={self.scales}, beta={self.beta}, "
-                f"l2_norm={self.l2_norm}, restart_unused={self.restart_unused}, phi_of_scale={self.phi_of_scale}")
+                f"l2_norm={self.l2_norm}, restart_unused={self.restart_unused}, "
+                f"restart_patience={self.restart_patience}, restart_balanced={self.restart_balanced}, "
+                f"phi_of_scale={self.phi_of_scale}")
 
 
 class MultiScaleVQTokenizer(Tokenizer):
@@ -250,6 +260,8 @@ class MultiScaleVQTokenizer(Tokenizer):
         phi_count: int = 4,
         l2_norm: bool = False,
         restart_unused: bool = False,
+        restart_patience: int = 1,
+        restart_balanced: bool = False,
         recon_loss: str = "l2",
         name: str = "msvq",
     ) -> None:
@@ -263,7 +275,8 @@ class MultiScaleVQTokenizer(Tokenizer):
         self.quant_conv = nn.Conv2d(z_channels, code_dim, 3, padding=1)  # 3×3, as VAR (LlamaGen's VQ uses 1×1)
         self.quantize = MultiScaleQuantizer(vocab_size=vocab_size, dim=code_dim, scales=scales, beta=beta,
                                             phi_kernel=phi_kernel, phi_ratio=phi_ratio, phi_count=phi_count,
-                                            l2_norm=l2_norm, restart_unused=restart_unused)
+                                            l2_norm=l2_norm, restart_unused=restart_unused,
+                                            restart_patience=restart_patience, restart_balanced=restart_balanced)
         self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 3, padding=1)
         self.decoder = Decoder(out_channels=image_channels, **net)
         self.recon_loss = recon_loss

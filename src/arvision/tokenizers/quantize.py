@@ -49,21 +49,41 @@ def random_rows(vectors: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def restart_dead_codes(weight: torch.Tensor, vectors: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Re-seed every code that no vector of this batch chose with a random vector of the batch (in place).
+def restart_dead_codes(weight: torch.Tensor, vectors: torch.Tensor, indices: torch.Tensor,
+                       idle_steps: torch.Tensor | None = None, patience: int = 1) -> torch.Tensor:
+    """Re-seed every dead code with a random row of `vectors` (in place); returns the dead-code mask.
+
+    Without `idle_steps`, a code is dead when no vector of this batch chose it. With `idle_steps` (a long buffer
+    of one counter per code, updated here) it is dead after `patience` batches in a row without a choice: codes
+    that only sparse inputs pick (VAR's 1×1 scale is one vector per image) then survive a batch that misses them,
+    instead of being thrown back among the dense ones (vector-quantize-pytorch's `threshold_ema_dead_code` is
+    the EMA form of the same idea).
 
     For gradient-learned codebooks: a dead code got no gradient this step, and quantisation saves only indices
     (or, for the cosine lookup, a row-wise normalisation whose unused rows get zero gradient), so overwriting its
     row after the forward leaves this step's backward exact. Counts are summed over ranks (no host sync).
-    Returns the dead-code mask.
     """
     counts = torch.bincount(indices.flatten(), minlength=weight.shape[0])
     if distributed():
         dist.all_reduce(counts)
-    dead = counts == 0
+    if idle_steps is None:
+        dead = counts == 0
+    else:
+        idle_steps.copy_(torch.where(counts > 0, torch.zeros_like(idle_steps), idle_steps + 1))
+        dead = idle_steps >= patience
+        idle_steps.masked_fill_(dead, 0)  # a re-seeded code gets a fresh patience
     weight.data.copy_(torch.where(dead[:, None], random_rows(vectors.detach().to(weight.dtype), weight.shape[0]),
                                   weight.data))
     return dead
+
+
+def balanced_rows(groups: list[torch.Tensor], k: int) -> torch.Tensor:
+    """k candidate rows drawn evenly from every group (e.g. one group per scale), not in proportion to its size.
+
+    Pooling VAR's scales as they come would draw 64 of every 155 restart candidates from the 8×8 scale and 1 from
+    the 1×1 scale; drawing `k` from each group first gives every scale the same share.
+    """
+    return torch.cat([random_rows(g.detach(), k) for g in groups])
 
 
 class VectorQuantizer(nn.Module):
@@ -128,4 +148,4 @@ class VectorQuantizer(nn.Module):
                 f"restart_unused={self.restart_unused}")
 
 
-__all__ = ["VectorQuantizer", "nearest_code", "random_rows", "restart_dead_codes", "usage_and_perplexity"]
+__all__ = ["VectorQuantizer", "balanced_rows", "nearest_code", "random_rows", "restart_dead_codes", "usage_and_perplexity"]
