@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from arvision.tokenizers.msvq import (VAR_SCALES, MultiScaleQuantizer, MultiScaleVQTokenizer, default_scales,
                                       phi_index)
-from arvision.tokenizers.quantize import VectorQuantizer, nearest_code, usage_and_perplexity
+from arvision.tokenizers.quantize import (VectorQuantizer, balanced_rows, nearest_code, restart_dead_codes,
+                                         usage_and_perplexity)
 
 
 def tiny_tokenizer(**kw) -> MultiScaleVQTokenizer:
@@ -331,3 +332,51 @@ def test_restart_unused_reseeds_the_shared_codebook_from_what_the_scales_quantis
     assert dead.sum() == 63
     moved = quantizer.embedding.weight[dead]
     assert moved.abs().max() < 50  # every dead code now sits among the (unit-scale) residuals
+
+
+def test_restart_patience_spares_a_code_until_it_has_idled_that_many_batches():
+    """patience P: a code nobody chose is re-seeded in its P-th idle batch in a row, and choosing it resets the
+    count. Codebook {0, 100, 200}, inputs near 0: codes 1 and 2 idle; code 2 is then chosen once in batch 2."""
+    weight = torch.tensor([[0.0], [100.0], [200.0]])
+    idle = torch.zeros(3, dtype=torch.long)
+    near_zero = torch.full((5, 1), 0.1)
+    dead = restart_dead_codes(weight, near_zero, torch.zeros(5, dtype=torch.long), idle, patience=3)
+    assert not dead.any() and idle.tolist() == [0, 1, 1]
+    dead = restart_dead_codes(weight, near_zero, torch.tensor([0, 0, 2]), idle, patience=3)
+    assert not dead.any() and idle.tolist() == [0, 2, 0]  # code 2 was chosen: its count starts again
+    dead = restart_dead_codes(weight, near_zero, torch.zeros(5, dtype=torch.long), idle, patience=3)
+    assert dead.tolist() == [False, True, False]  # code 1's third idle batch
+    assert weight[1].item() == pytest.approx(0.1) and weight[2].item() == 200.0
+    assert idle.tolist() == [0, 0, 1]  # the re-seeded code gets a fresh patience
+    # patience 1 is the per-batch rule: the same as no counter at all
+    w1, w2 = weight.clone(), weight.clone()
+    restart_dead_codes(w1, near_zero, torch.zeros(5, dtype=torch.long))
+    restart_dead_codes(w2, near_zero, torch.zeros(5, dtype=torch.long), torch.zeros(3, dtype=torch.long), 1)
+    torch.testing.assert_close(w1, w2)
+
+
+def test_balanced_restart_candidates_come_evenly_from_every_scale():
+    torch.manual_seed(0)
+    coarse, fine = torch.zeros(2, 3), torch.ones(500, 3)  # 2 vectors of one scale, 500 of another
+    pool = balanced_rows([coarse, fine], 64)
+    assert pool.shape == (128, 3)
+    assert (pool.sum(1) < 0.5).sum() == 64  # half the pool is the 2 coarse vectors (tiled), not 2/502 of it
+
+
+def test_patient_balanced_restarts_keep_codes_only_the_coarsest_scale_chooses():
+    """With per-batch restarts a code that only the 1×1 scale picks dies whenever a batch misses it; with patience
+    it survives, and the counters are part of the state (a resumed run keeps them)."""
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True, restart_patience=4,
+                            restart_balanced=True).train()
+    assert "idle_steps" in q.state_dict()
+    with torch.no_grad():
+        q.embedding.weight[:] = torch.randn(16, 2)
+    before = q.embedding.weight.clone()
+    q(torch.randn(2, 2, 2, 2))  # one batch: 2 + 8 choices leave most of the 16 codes idle, but none for 4 batches
+    torch.testing.assert_close(q.embedding.weight, before)
+    assert int(q.idle_steps.max()) == 1
+    plain = MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True)
+    assert "idle_steps" not in plain.state_dict()
+    with pytest.raises(ValueError, match="restart_patience"):
+        MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True, restart_patience=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -18,6 +19,7 @@ VQ = TokenSpec(name="vq", kind="discrete", layout="grid", grid=(4, 4), dim=8, vo
                image_channels=1)
 RVQ = TokenSpec(name="rvq", kind="discrete", layout="depth", grid=(2, 2), dim=8, vocab_size=16, depth=3,
                 image_size=8, image_channels=1)
+RVQ_PER_DEPTH = dataclasses.replace(RVQ, shared_codebook=False)
 NUM_CLASSES = 10
 
 
@@ -241,7 +243,8 @@ def test_depth_layout_trains_and_samples() -> None:
 
 
 @pytest.mark.parametrize("spec, cfg, depth_mode", [(VQ, 1.0, "flatten"), (VQ, 3.0, "flatten"), (RVQ, 3.0, "flatten"),
-                                                   (RVQ, 1.0, "head"), (RVQ, 3.0, "head")])
+                                                   (RVQ, 1.0, "head"), (RVQ, 3.0, "head"),
+                                                   (RVQ_PER_DEPTH, 3.0, "flatten"), (RVQ_PER_DEPTH, 3.0, "head")])
 def test_greedy_sampling_matches_recomputing_every_prefix(spec: TokenSpec, cfg: float, depth_mode: str) -> None:
     """The cached sampling loop picks what a cache-free model would, token by token (CFG and depth included)."""
     model = shared() if spec is VQ else make(spec, depth_mode=depth_mode)
@@ -300,3 +303,30 @@ def test_depth_head_trains_and_counts_its_passes() -> None:
     assert model.network_evaluations(2.0) == 16
     # on a grid tokenizer a depth head is moot: the model is the plain raster model
     assert make(VQ, depth_mode="head").depth_mode == "flatten"
+
+
+@pytest.mark.parametrize("depth_mode", ["flatten", "head"])
+def test_per_depth_codebooks_give_each_depth_its_own_code_embeddings(depth_mode: str) -> None:
+    """With one codebook per depth, code k at depth d and code k at depth d′ are different codes: the model reads
+    row d·vocab + k, so editing depth 1's row for k moves the output only where a depth-1 code is k."""
+    model = make(RVQ_PER_DEPTH, depth_mode=depth_mode)
+    vocab, levels = RVQ.vocab_size, RVQ.depth
+    assert model.tok_embeddings.num_embeddings == vocab * levels
+    if depth_mode == "head":
+        assert model.depth_head.tok_embeddings.num_embeddings == vocab * levels
+    assert make(RVQ, depth_mode=depth_mode).tok_embeddings.num_embeddings == vocab  # shared: one table
+    tokens = torch.zeros(2, *RVQ.grid, levels, dtype=torch.long)
+    tokens[0, :, :, 1] = 5  # sample 0 holds code 5 at depth 1; sample 1 holds code 5 nowhere
+    labels = torch.tensor([3, 3])
+    with torch.no_grad():
+        base = model(tokens, labels)
+        tables = [model.tok_embeddings] + ([model.depth_head.tok_embeddings] if depth_mode == "head" else [])
+        for table in tables:
+            table.weight[1 * vocab + 5] += 1.0  # depth 1, code 5
+        out = model(tokens, labels)
+        assert not torch.allclose(out[0], base[0])
+        torch.testing.assert_close(out[1], base[1])
+        for table in tables:  # move the edit to depth 0's code 5: sample 0 (5 only at depth 1) no longer sees it
+            table.weight[1 * vocab + 5] -= 1.0
+            table.weight[0 * vocab + 5] += 1.0
+        torch.testing.assert_close(model(tokens, labels), base)

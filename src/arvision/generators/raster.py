@@ -48,10 +48,12 @@ _COMPILED_STEPS: dict[str, Callable] = {}  # torch.compile'd `static_step`, one 
 class DepthHead(nn.Module):
     """RQ-Transformer's depth transformer: causal over the D codes of one position, fed by the spatial context."""
 
-    def __init__(self, *, vocab_size: int, levels: int, dim: int, depth: int, heads: int, norm_eps: float) -> None:
+    def __init__(self, *, vocab_size: int, levels: int, dim: int, depth: int, heads: int, norm_eps: float,
+                 codebook_per_level: bool = False) -> None:
         super().__init__()
-        self.levels = levels
-        self.tok_embeddings = nn.Embedding(vocab_size, dim)  # its own code embeddings (`head_emb` in RQ-Transformer)
+        self.levels, self.vocab_size, self.codebook_per_level = levels, vocab_size, codebook_per_level
+        # its own code embeddings (`head_emb` in RQ-Transformer); one table per level when each depth has its codebook
+        self.tok_embeddings = nn.Embedding(vocab_size * (levels if codebook_per_level else 1), dim)
         self.level_embeddings = nn.Embedding(levels, dim)
         self.layers = nn.ModuleList(TransformerBlock(dim, heads, norm_eps=norm_eps) for _ in range(depth))
         self.norm = RMSNorm(dim, eps=norm_eps)
@@ -60,8 +62,13 @@ class DepthHead(nn.Module):
     def inputs(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """context (M, dim), codes (M, d′) with d′ < D known codes → head inputs (M, d′ + 1, dim):
         [context, e(c_1), e(c_1) + e(c_2), …] (RQ-Transformer's `cumsum_depth_ctx`)."""
-        cumulative = self.tok_embeddings(codes).cumsum(dim=1)
+        levels = torch.arange(codes.shape[1], device=codes.device)
+        cumulative = self.embed(codes, levels).cumsum(dim=1)
         return torch.cat([context[:, None], cumulative], dim=1)
+
+    def embed(self, codes: torch.Tensor, level: torch.Tensor | int) -> torch.Tensor:
+        """Embeddings of codes drawn at `level` (an int or a tensor broadcasting against `codes`)."""
+        return self.tok_embeddings(codes + level * self.vocab_size if self.codebook_per_level else codes)
 
     def forward(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Depth slots start … start + n − 1 (x: (M, n, dim)) → logits (M, n, vocab) in fp32."""
@@ -94,7 +101,10 @@ class RasterGenerator(Generator):
         self.seq_len = spec.num_tokens if self.depth_mode == "flatten" else spec.grid[0] * spec.grid[1]
 
         self.cls_embedding = LabelEmbedding(num_classes, dim, dropout=class_dropout)
-        self.tok_embeddings = nn.Embedding(spec.vocab_size, dim)
+        # RVQ with one codebook per depth: code k of depth d is another code than k of depth d′, so each depth gets
+        # its own rows (ids offset by d·vocab); with a shared codebook (RQ-VAE) the depths share one table.
+        self.codebook_per_level = self.levels > 1 and not spec.shared_codebook
+        self.tok_embeddings = nn.Embedding(spec.vocab_size * (self.levels if self.codebook_per_level else 1), dim)
         flat_depth = self.levels > 1 and self.depth_mode == "flatten"
         self.depth_embeddings = nn.Embedding(self.levels, dim) if flat_depth else None
         self.tok_dropout = nn.Dropout(token_dropout)
@@ -107,7 +117,7 @@ class RasterGenerator(Generator):
         self.norm = RMSNorm(dim, eps=norm_eps)
         if self.depth_mode == "head":
             self.depth_head = DepthHead(vocab_size=spec.vocab_size, levels=self.levels, dim=dim, depth=head_depth,
-                                        heads=heads, norm_eps=norm_eps)
+                                        heads=heads, norm_eps=norm_eps, codebook_per_level=self.codebook_per_level)
         else:
             self.output = nn.Linear(dim, spec.vocab_size, bias=False)
 
@@ -130,12 +140,15 @@ class RasterGenerator(Generator):
         """Embed tokens (B, n) that sit at sequence indices offset … offset + n − 1 → (B, n, dim); with a depth
         head, whole positions (B, n, D) → the sum of their D code embeddings (B, n, dim)."""
         if self.depth_mode == "head":
-            return self.tok_embeddings(seq).sum(dim=2)
-        x = self.tok_embeddings(seq)
-        if self.depth_embeddings is not None:
-            level = torch.arange(offset, offset + seq.shape[1], device=seq.device) % self.levels
-            x = x + self.depth_embeddings(level)
-        return x
+            return self.tok_embeddings(self.code_ids(seq, torch.arange(seq.shape[2], device=seq.device))).sum(dim=2)
+        if self.depth_embeddings is None:
+            return self.tok_embeddings(seq)
+        level = torch.arange(offset, offset + seq.shape[1], device=seq.device) % self.levels
+        return self.tok_embeddings(self.code_ids(seq, level)) + self.depth_embeddings(level)
+
+    def code_ids(self, codes: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """Rows of `tok_embeddings` for codes at `level` (broadcast over the last dimension)."""
+        return codes + level * self.spec.vocab_size if self.codebook_per_level else codes
 
     def decode(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Run input slots start … start + n − 1 (x: (B, n, dim)) → logits (B, n, vocab) in fp32 (with a depth
@@ -291,7 +304,7 @@ class RasterGenerator(Generator):
                     head_caches, head_x, cumulative = self.depth_head.new_caches(), out[:, None], 0
                     for d in range(self.levels):
                         seq[:, t, d] = draw(self.depth_head(head_x, start=d, caches=head_caches)[:, -1], t)
-                        cumulative = cumulative + self.depth_head.tok_embeddings(both(seq[:, t, d]))
+                        cumulative = cumulative + self.depth_head.embed(both(seq[:, t, d]), d)
                         head_x = cumulative[:, None]  # e(c_1) + … + e(c_d)
                 if t + 1 < self.seq_len:
                     x = self.embed_tokens(both(seq[:, t])[:, None], offset=t)
@@ -373,7 +386,7 @@ class RasterGenerator(Generator):
                     for d in range(self.levels):
                         code = draw(self.depth_head(head_x, start=d, caches=head_caches)[:, -1], t)
                         seq[:, t, d] = torch.where(forced[:, t], truth[:, t, d], code)
-                        cumulative = cumulative + self.depth_head.tok_embeddings(both(seq[:, t, d]))
+                        cumulative = cumulative + self.depth_head.embed(both(seq[:, t, d]), d)
                         head_x = cumulative[:, None]
                 if i + 1 < len(todo):  # feed token t and the known run after it, up to the next token to draw
                     x, start = self.embed_tokens(both(seq[:, t:todo[i + 1]]), offset=t), t + 1

@@ -37,6 +37,7 @@ class TokenSpec:
     dim: int  # code (discrete) or latent (continuous) channels
     vocab_size: int | None = None  # discrete only
     depth: int = 1  # residual VQ depth
+    shared_codebook: bool = True  # residual VQ: one codebook for all depths (RQ-VAE), or one per depth
     scales: tuple[int, ...] = field(default=())  # side lengths, multi-scale only
     image_size: int = 32
     image_channels: int = 3

@@ -30,7 +30,8 @@ from torch import nn
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
 from arvision.tokenizers.nets import Decoder, Encoder, latent_side
-from arvision.tokenizers.quantize import balanced_rows, nearest_code, restart_dead_codes, usage_and_perplexity
+from arvision.tokenizers.quantize import (balanced_rows, nearest_code, restart_dead_codes,
+                                         usage_and_perplexity)
 
 # VAR's 256-pixel schedule (16×16 latent): K = 10 scales, 680 tokens.
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)

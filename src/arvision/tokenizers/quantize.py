@@ -148,4 +148,5 @@ class VectorQuantizer(nn.Module):
                 f"restart_unused={self.restart_unused}")
 
 
-__all__ = ["VectorQuantizer", "balanced_rows", "nearest_code", "random_rows", "restart_dead_codes", "usage_and_perplexity"]
+__all__ = ["VectorQuantizer", "balanced_rows", "nearest_code", "random_rows", "restart_dead_codes",
+           "usage_and_perplexity"]

@@ -221,8 +221,8 @@ class RVQTokenizer(Tokenizer):
         self.decoder = Decoder(out_channels=image_channels, **net)
         self.recon_loss = recon_loss
         self.spec = TokenSpec(name=name, kind="discrete", layout="depth", grid=(side, side), dim=code_dim,
-                              vocab_size=vocab_size, depth=depth, image_size=image_size,
-                              image_channels=image_channels)
+                              vocab_size=vocab_size, depth=depth, shared_codebook=shared_codebook,
+                              image_size=image_size, image_channels=image_channels)
 
     def quantize_images(self, images: torch.Tensor, *, update_codebook: bool = True,
                         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
