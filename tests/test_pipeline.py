@@ -211,11 +211,12 @@ def test_every_tokenizer_trains_and_is_evaluated_through_stage_1(tokenizer, tiny
     assert (tmp_path / "run" / "reconstructions.png").exists()
 
 
-@pytest.mark.parametrize("depth_mode", ["flatten", "head"])
-def test_rvq_tokens_train_the_raster_generator_in_both_depth_modes(depth_mode, tiny_cfg, tmp_path):
-    results = train(tiny_cfg("tokenizer=rvq", "tokenizer.model.depth=2", f"generator.model.depth_mode={depth_mode}"),
-                    tmp_path / "run")
+@pytest.mark.parametrize("depth_mode, shared", [("flatten", True), ("head", True), ("flatten", False)])
+def test_rvq_tokens_train_the_raster_generator_in_both_depth_modes(depth_mode, shared, tiny_cfg, tmp_path):
+    results = train(tiny_cfg("tokenizer=rvq", "tokenizer.model.depth=2", f"tokenizer.model.shared_codebook={shared}",
+                             f"generator.model.depth_mode={depth_mode}"), tmp_path / "run")
     assert results["spec"]["layout"] == "depth" and results["spec"]["depth"] == 2
+    assert results["spec"]["shared_codebook"] is shared
     # flattened: one pass per code; depth head: one spatial pass per position + one head pass per code
     expected = 8 * 8 * 2 if depth_mode == "flatten" else 8 * 8 + 8 * 8 * 2
     assert results["metrics"]["generator"]["nfe_per_image"] == expected
