@@ -45,6 +45,13 @@ _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILED_STEPS: dict[str, Callable] = {}  # torch.compile'd `static_step`, one per mode; guards pick the graph
 
 
+def level_code_ids(codes: torch.Tensor, level: torch.Tensor | int, vocab_size: int,
+                   per_level: bool) -> torch.Tensor:
+    """Embedding rows of `codes` drawn at `level`: with one codebook per RVQ depth, code k of depth d is row
+    d·vocab + k (depths are different codes); with a shared codebook the ids are the rows."""
+    return codes + level * vocab_size if per_level else codes
+
+
 class DepthHead(nn.Module):
     """RQ-Transformer's depth transformer: causal over the D codes of one position, fed by the spatial context."""
 
@@ -68,7 +75,7 @@ class DepthHead(nn.Module):
 
     def embed(self, codes: torch.Tensor, level: torch.Tensor | int) -> torch.Tensor:
         """Embeddings of codes drawn at `level` (an int or a tensor broadcasting against `codes`)."""
-        return self.tok_embeddings(codes + level * self.vocab_size if self.codebook_per_level else codes)
+        return self.tok_embeddings(level_code_ids(codes, level, self.vocab_size, self.codebook_per_level))
 
     def forward(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Depth slots start … start + n − 1 (x: (M, n, dim)) → logits (M, n, vocab) in fp32."""
@@ -139,16 +146,14 @@ class RasterGenerator(Generator):
     def embed_tokens(self, seq: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Embed tokens (B, n) that sit at sequence indices offset … offset + n − 1 → (B, n, dim); with a depth
         head, whole positions (B, n, D) → the sum of their D code embeddings (B, n, dim)."""
+        vocab, per_level = self.spec.vocab_size, self.codebook_per_level
         if self.depth_mode == "head":
-            return self.tok_embeddings(self.code_ids(seq, torch.arange(seq.shape[2], device=seq.device))).sum(dim=2)
+            levels = torch.arange(seq.shape[2], device=seq.device)
+            return self.tok_embeddings(level_code_ids(seq, levels, vocab, per_level)).sum(dim=2)
         if self.depth_embeddings is None:
             return self.tok_embeddings(seq)
         level = torch.arange(offset, offset + seq.shape[1], device=seq.device) % self.levels
-        return self.tok_embeddings(self.code_ids(seq, level)) + self.depth_embeddings(level)
-
-    def code_ids(self, codes: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """Rows of `tok_embeddings` for codes at `level` (broadcast over the last dimension)."""
-        return codes + level * self.spec.vocab_size if self.codebook_per_level else codes
+        return self.tok_embeddings(level_code_ids(seq, level, vocab, per_level)) + self.depth_embeddings(level)
 
     def decode(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Run input slots start … start + n − 1 (x: (B, n, dim)) → logits (B, n, vocab) in fp32 (with a depth

@@ -94,8 +94,9 @@ class MultiScaleQuantizer(nn.Module):
         super().__init__()
         if restart_patience < 1:
             raise ValueError(f"restart_patience must be ≥ 1 (batches without a choice), got {restart_patience}")
-        self.restart_unused, self.restart_patience, self.restart_balanced = (restart_unused, restart_patience,
-                                                                             restart_balanced)
+        self.restart_unused = restart_unused
+        self.restart_patience = restart_patience
+        self.restart_balanced = restart_balanced
         if not scales:
             raise ValueError("scales must not be empty")
         self.scales = check_scales(scales, scales[-1])
