@@ -91,7 +91,7 @@ class MultiScaleQuantizer(nn.Module):
     def __init__(self, *, vocab_size: int, dim: int, scales: Sequence[int], beta: float = 0.25,
                  phi_kernel: int = 3, phi_ratio: float = 0.5, phi_count: int = 4, l2_norm: bool = False,
                  restart_unused: bool = False, restart_patience: int = 1, restart_balanced: bool = False,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 0.1) -> None:
+                 entropy_weight: float = 0.0, entropy_temperature: float = 1.0) -> None:
         super().__init__()
         if entropy_weight < 0 or entropy_temperature <= 0:
             raise ValueError(f"entropy_weight must be ≥ 0 and entropy_temperature > 0, got {entropy_weight} and "
@@ -286,7 +286,7 @@ class MultiScaleVQTokenizer(Tokenizer):
         restart_patience: int = 1,
         restart_balanced: bool = False,
         entropy_weight: float = 0.0,
-        entropy_temperature: float = 0.1,
+        entropy_temperature: float = 1.0,
         recon_loss: str = "l2",
         name: str = "msvq",
     ) -> None:

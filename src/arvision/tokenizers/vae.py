@@ -68,7 +68,7 @@ class KLVAETokenizer(Tokenizer):
         mid_attn: bool = True,
         dropout: float = 0.0,
         latent_channels: int = 4,
-        kl_weight: float = 1e-6,
+        kl_weight: float = 1e-9,
         sample_posterior: bool = True,
         logvar_clamp: tuple[float, float] = (-30.0, 20.0),
         recon_loss: str = "l2",
