@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from arvision.tokenizers.msvq import (VAR_SCALES, MultiScaleQuantizer, MultiScaleVQTokenizer, default_scales,
                                       phi_index)
-from arvision.tokenizers.quantize import (VectorQuantizer, balanced_rows, code_entropy_loss, nearest_code,
-                                         restart_dead_codes, usage_and_perplexity)
+from arvision.tokenizers.quantize import (VectorQuantizer, balanced_rows, nearest_code, restart_dead_codes,
+                                         usage_and_perplexity)
 
 
 def tiny_tokenizer(**kw) -> MultiScaleVQTokenizer:
@@ -380,40 +380,3 @@ def test_patient_balanced_restarts_keep_codes_only_the_coarsest_scale_chooses():
     assert "idle_steps" not in plain.state_dict()
     with pytest.raises(ValueError, match="restart_patience"):
         MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True, restart_patience=0)
-
-
-# ------------------------------------------------------------------------------------------------ entropy penalty
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 40), st.integers(2, 12), st.floats(0.01, 2.0), st.integers(0, 10_000))
-def test_code_entropy_loss_is_never_positive_and_zero_when_every_row_is_the_same(rows, vocab, temperature, seed):
-    """Entropy of the mean ≥ mean of the entropies (concavity), with equality when all rows agree."""
-    g = torch.Generator().manual_seed(seed)
-    z, codebook = torch.randn(rows, 3, generator=g), torch.randn(vocab, 3, generator=g)
-    assert code_entropy_loss(z, codebook, temperature) <= 1e-5
-    same = z[:1].expand(rows, 3)
-    assert abs(float(code_entropy_loss(same, codebook, temperature))) < 1e-4
-
-
-def test_code_entropy_loss_rewards_rows_spread_over_the_codes():
-    codebook = torch.eye(4) * 10
-    spread = codebook.repeat(3, 1)  # every code chosen, confidently
-    collapsed = codebook[:1].repeat(12, 1)
-    assert float(code_entropy_loss(spread, codebook, 0.1)) == pytest.approx(-math.log(4), abs=1e-3)
-    assert float(code_entropy_loss(collapsed, codebook, 0.1)) == pytest.approx(0.0, abs=1e-3)
-
-
-def test_scale_entropy_penalty_is_off_by_default_and_reaches_the_encoder_when_on():
-    f = torch.randn(4, 3, 4, 4, requires_grad=True)
-    plain = quantizer((1, 2, 4)).train()
-    assert "entropy_loss" not in plain(f)[2]
-    q = quantizer((1, 2, 4), entropy_weight=0.5).train()
-    f_hat, indices, terms = q(f)
-    plain_fhat, plain_indices, _ = quantizer((1, 2, 4)).train()(f)
-    torch.testing.assert_close(f_hat, plain_fhat)  # the penalty changes the losses, never the choice
-    assert all(torch.equal(a, b) for a, b in zip(indices, plain_indices))
-    terms["entropy_loss"].backward()
-    assert f.grad is not None and f.grad.abs().sum() > 0  # unlike the residual that picks codes, it is not detached
-    assert q.embedding.weight.grad.abs().sum() > 0
-    assert "entropy_loss" not in q.eval()(f)[2]
-    with pytest.raises(ValueError, match="entropy_weight"):
-        MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), entropy_weight=-1.0)

@@ -30,7 +30,7 @@ from torch import nn
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
 from arvision.tokenizers.nets import Decoder, Encoder, latent_side
-from arvision.tokenizers.quantize import (balanced_rows, code_entropy_loss, nearest_code, restart_dead_codes,
+from arvision.tokenizers.quantize import (balanced_rows, nearest_code, restart_dead_codes,
                                          usage_and_perplexity)
 
 # VAR's 256-pixel schedule (16×16 latent): K = 10 scales, 680 tokens.
@@ -90,13 +90,8 @@ class MultiScaleQuantizer(nn.Module):
 
     def __init__(self, *, vocab_size: int, dim: int, scales: Sequence[int], beta: float = 0.25,
                  phi_kernel: int = 3, phi_ratio: float = 0.5, phi_count: int = 4, l2_norm: bool = False,
-                 restart_unused: bool = False, restart_patience: int = 1, restart_balanced: bool = False,
-                 entropy_weight: float = 0.0, entropy_temperature: float = 1.0) -> None:
+                 restart_unused: bool = False, restart_patience: int = 1, restart_balanced: bool = False) -> None:
         super().__init__()
-        if entropy_weight < 0 or entropy_temperature <= 0:
-            raise ValueError(f"entropy_weight must be ≥ 0 and entropy_temperature > 0, got {entropy_weight} and "
-                             f"{entropy_temperature}")
-        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         if restart_patience < 1:
             raise ValueError(f"restart_patience must be ≥ 1 (batches without a choice), got {restart_patience}")
         self.restart_unused = restart_unused
@@ -166,13 +161,11 @@ class MultiScaleQuantizer(nn.Module):
             f_hat = torch.zeros_like(target)
             indices: list[torch.Tensor] = []
             chosen: list[torch.Tensor] = []  # what each scale quantised: restart candidates for dead codes
-            codebook_loss = commit_loss = entropy_loss = f.new_zeros(())
+            codebook_loss = commit_loss = f.new_zeros(())
             stats: dict[str, torch.Tensor] = {}
             for k, n in enumerate(self.scales):
                 rest = residual if n == self.side else F.interpolate(residual, size=(n, n), mode="area")
                 idx = self.nearest(rest)
-                if self.training and self.entropy_weight > 0:
-                    entropy_loss = entropy_loss + self.scale_entropy(f - f_hat.detach(), n)
                 chosen.append(rearrange(rest, "b c h w -> (b h w) c"))
                 h = self.contribution(k, idx)
                 f_hat = f_hat + h
@@ -191,21 +184,7 @@ class MultiScaleQuantizer(nn.Module):
         stats["usage"] = torch.stack([stats[f"usage_s{k}"] for k in range(self.num_scales)]).mean()
         stats["perplexity"] = torch.stack([stats[f"perplexity_s{k}"] for k in range(self.num_scales)]).mean()
         losses = {"codebook_loss": codebook_loss / self.num_scales, "commit_loss": commit_loss / self.num_scales}
-        if self.training and self.entropy_weight > 0:
-            losses["entropy_loss"] = self.entropy_weight * entropy_loss / self.num_scales
         return f_hat_st, indices, {**losses, **stats}
-
-    def scale_entropy(self, residual: torch.Tensor, n: int) -> torch.Tensor:
-        """Entropy penalty (not in VAR) on the soft choice among the codes at scale n×n.
-
-        `residual` equals the residual this scale quantises but keeps the encoder's gradient, so the penalty can
-        spread what the coarse scales see (the 1×1 input is the image mean of f) over the codebook.
-        """
-        rest = residual if n == self.side else F.interpolate(residual, size=(n, n), mode="area")
-        flat, codebook = rearrange(rest, "b c h w -> (b h w) c"), self.embedding.weight
-        if self.l2_norm:
-            flat, codebook = F.normalize(flat, dim=-1), F.normalize(codebook, dim=-1)
-        return code_entropy_loss(flat, codebook, self.entropy_temperature)
 
     # ---------------------------------------------------------------------------------------- from indices
     def _check_tokens(self, tokens: Sequence[torch.Tensor], at_most: int) -> None:
@@ -258,7 +237,7 @@ class MultiScaleQuantizer(nn.Module):
         return (f"vocab_size={self.vocab_size}, dim={self.dim}, scales={self.scales}, beta={self.beta}, "
                 f"l2_norm={self.l2_norm}, restart_unused={self.restart_unused}, "
                 f"restart_patience={self.restart_patience}, restart_balanced={self.restart_balanced}, "
-                f"entropy_weight={self.entropy_weight}, phi_of_scale={self.phi_of_scale}")
+                f"phi_of_scale={self.phi_of_scale}")
 
 
 class MultiScaleVQTokenizer(Tokenizer):
@@ -285,8 +264,6 @@ class MultiScaleVQTokenizer(Tokenizer):
         restart_unused: bool = False,
         restart_patience: int = 1,
         restart_balanced: bool = False,
-        entropy_weight: float = 0.0,
-        entropy_temperature: float = 1.0,
         recon_loss: str = "l2",
         name: str = "msvq",
     ) -> None:
@@ -301,8 +278,7 @@ class MultiScaleVQTokenizer(Tokenizer):
         self.quantize = MultiScaleQuantizer(vocab_size=vocab_size, dim=code_dim, scales=scales, beta=beta,
                                             phi_kernel=phi_kernel, phi_ratio=phi_ratio, phi_count=phi_count,
                                             l2_norm=l2_norm, restart_unused=restart_unused,
-                                            restart_patience=restart_patience, restart_balanced=restart_balanced,
-                                            entropy_weight=entropy_weight, entropy_temperature=entropy_temperature)
+                                            restart_patience=restart_patience, restart_balanced=restart_balanced)
         self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 3, padding=1)
         self.decoder = Decoder(out_channels=image_channels, **net)
         self.recon_loss = recon_loss

@@ -31,23 +31,6 @@ def usage_and_perplexity(indices: torch.Tensor, vocab_size: int) -> tuple[torch.
     return (counts > 0).float().mean(), entropy.exp()
 
 
-def code_entropy_loss(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MAGVIT-v2's entropy penalty on soft code assignments: mean per-row entropy − entropy of the batch mean.
-
-    z (N, d), codebook (V, d). Low when each row is confidently assigned and the batch spreads over the codes.
-    Logits are −‖z − e‖² over `temperature` times the batch's mean squared distance to the nearest code (the
-    quantisation error), so the temperature does not depend on the latent's scale, and a tight cluster of inputs
-    far from the codes (VAR's 1×1 scale) still gets confident choices. Differentiable in z and in the codebook.
-    """
-    d2 = (z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)).clamp_min(0)
-    error = d2.min(-1).values.mean().detach().clamp_min(1e-12)
-    probs = torch.softmax(-d2 / (temperature * error), dim=-1)
-    per_row = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-    mean_probs = probs.mean(0)
-    batch = -(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()
-    return per_row - batch
-
-
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
