@@ -3,7 +3,8 @@
 Both quantise each latent channel on its own (FSQ: a few bounded levels per channel, Mentzer et al. 2023; LFQ:
 the sign of each channel, MAGVIT-v2), so the "codebook" is implicit and every index is used by construction of
 the grid. Tokens are a plain grid (B, h, w) of indices in [0, vocab_size), so raster generators take them as they
-take VQ tokens. The library's defaults are pinned explicitly here (see reference notes §5).
+take VQ tokens. The library's arguments are passed explicitly here (see reference notes §5). LFQ's loss weights
+are lighter than MAGVIT-v2's 0.1 / 0.25, which swamp our per-pixel-mean reconstruction loss (conf/tokenizer/lfq.yaml).
 """
 
 from __future__ import annotations
