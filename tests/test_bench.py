@@ -42,6 +42,16 @@ def test_bench_reports_training_and_sampling_with_and_without_cfg():
     assert result["sample_cfg"]["sampling_cost"]["rows_per_pass_factor"] == 2
 
 
+def test_sampling_precision_is_set_apart_and_checked_before_any_timing(monkeypatch):
+    """FlowAR samples in fp16 and ACDiT in fp32 whatever they train in: sample.precision sets the sampling phase."""
+    result = run(compose_bench("sample.precision=bf16", "sample.no_cfg=false"))
+    assert result["precision"] == result["train"]["precision"] == "fp32"
+    assert result["sample_cfg"]["precision"] == "bf16" and "sample_no_cfg" not in result
+    monkeypatch.setattr(bench, "bench_training", lambda *a, **k: pytest.fail("timed before the config was checked"))
+    with pytest.raises(ValueError, match="sample.precision must be"):
+        run(compose_bench("sample.precision=fp8"))
+
+
 def test_training_flops_count_at_least_the_transformer_matmuls():
     """FlopCounterMode's count of one training step ≥ 6 · (linear weights) · tokens (fwd 2, bwd 4 per weight)."""
     spec = TokenSpec(name="vq", kind="discrete", layout="grid", grid=(4, 4), dim=8, vocab_size=64)
@@ -106,9 +116,11 @@ def test_flowar_s_and_acdit_b_presets_follow_the_papers_settings():
     flowar = compose_bench("bench_preset=flowar_s")
     assert flowar.generator.model.scales == [1, 2, 4, 8, 16] and flowar.tokenizer.model.latent_channels == 16
     assert flowar.tokenizer.model.ch_mult == [1, 1, 2, 2, 4]  # stride 16: 256 px → 16×16×16
-    assert (flowar.generator.sample.cfg, flowar.generator.sample.steps, flowar.precision) == (4.3, 25, "fp32")
+    assert (flowar.generator.sample.cfg, flowar.generator.sample.steps) == (4.3, 25)
+    assert (flowar.precision, flowar.sample.precision) == ("tf32", "fp16")  # main_flowar.py's TF32, engine.py's fp16
     acdit = compose_bench("bench_preset=acdit_b")
     assert len(acdit.tokenizer.model.ch_mult) == 4 and acdit.tokenizer.model.latent_channels == 4  # f8: 32×32×4
     assert (32 * 32) // acdit.generator.model.block_size == 4 and acdit.generator.model.patch_size == 1
     assert (acdit.generator.sample.cfg, acdit.generator.sample.steps, acdit.generator.sample.sampler) == \
         (1.5, 25, "dpm_solver_pp")
+    assert (acdit.precision, acdit.sample.precision) == ("auto", "fp32")  # bf16 training on GPU, fp32 sampling

@@ -6,7 +6,8 @@ tensor on the host.
   grid, flattened-depth and depth-head RVQ layouts; `compiled` builds one graph for every step;
 - no host synchronisation: every generator samples (a) with scalar reads of tensors forbidden (`.item()`, `bool()`,
   `float()`, `nonzero`…, which on CUDA each wait for the device) and (b) on the meta device, where tensors have no
-  data at all, so any host read of a device tensor (`.tolist()` included) fails;
+  data at all, so any host read of a device tensor (`.tolist()` included) fails, and where host data copied onto
+  the device without `non_blocking` (on CUDA: a stream synchronisation) is refused; training losses likewise;
 - `GeneratorTask(compile=True)`: the compiled training step gives the eager loss and gradients.
 """
 
@@ -23,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from arvision import bench
 from arvision.generators.acdit import ACDiTGenerator
 from arvision.generators.flowar import FlowARGenerator
 from arvision.generators.next_scale import NextScaleGenerator
@@ -240,22 +242,64 @@ def test_sampling_reads_no_tensor_scalar_on_the_host(kind: str, monkeypatch) -> 
 @pytest.mark.parametrize("kind", SAMPLERS)
 def test_sampling_runs_on_the_meta_device_where_no_data_can_be_read(kind: str, monkeypatch) -> None:
     """Meta tensors have shapes but no data: a sampling loop that ever reads a device tensor (.item(), .tolist(),
-    a Python branch on a tensor, a data-dependent shape) fails here. Two stand-ins: autocast has no meta backend
-    (`autocast(enabled=False)` blocks are a no-op here), and next_scale's one-off position table before the loop
-    uses masks.segment_ids, whose repeat_interleave needs its output size (requested for masks.py)."""
-    import arvision.generators.next_scale as next_scale
+    a Python branch on a tensor, a data-dependent shape) fails here. One stand-in: autocast has no meta backend
+    (`autocast(enabled=False)` blocks are a no-op here). The same run refuses blocking host-to-device copies (Python
+    data made into device tensors, `.to(device)` of a host tensor), which on CUDA wait for the stream;
+    `tests/test_gpu.py` checks the same with CUDA's own detector."""
     real_autocast = torch.autocast
     monkeypatch.setattr(torch, "autocast", lambda device_type, **kw: contextlib.nullcontext()
                         if device_type == "meta" else real_autocast(device_type, **kw))
-
-    def segment_ids(lengths, *, device=None):
-        return torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                       torch.tensor(lengths, device=device), output_size=sum(lengths))
-
-    monkeypatch.setattr(next_scale, "segment_ids", segment_ids)
     model, sampling = make_sampler(kind)  # its own tokenizer copy, which sampling moves to the meta device
-    out = model.to("meta").sample(torch.tensor([0, 2], device="meta"), cfg=2.0, **sampling)
+    labels, model = torch.tensor([0, 2], device="meta"), model.to("meta")
+    for name in ("tensor", "as_tensor"):  # built from host data: a blocking host-to-device copy on CUDA
+        monkeypatch.setattr(torch, name, refuse_host_data(getattr(torch, name)))
+    with NoBlockingHostToDeviceCopies():
+        out = model.sample(labels, cfg=2.0, **sampling)
     assert (out[0] if isinstance(out, list) else out).device.type == "meta"
+
+
+def refuse_host_data(make):
+    """torch.tensor / torch.as_tensor of Python data onto a device copies it there and, on CUDA, waits for the
+    stream (the copy is not `non_blocking`): inside a sampling loop that is a host synchronisation per call."""
+    def guarded(data, *args, device=None, **kwargs):
+        if device is not None and torch.device(device).type != "cpu" and not isinstance(data, torch.Tensor):
+            raise AssertionError(f"torch.{make.__name__}(host data, device={device}) in a sampling loop")
+        return make(data, *args, device=device, **kwargs)
+    return guarded
+
+
+class NoBlockingHostToDeviceCopies(TorchDispatchMode):
+    """Raises on a blocking copy of a host tensor onto a device (`.to(device)` without non_blocking=True)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            source, target = args[0].device, kwargs.get("device", args[0].device)
+            if source.type == "cpu" and torch.device(target).type != "cpu" and not kwargs.get("non_blocking"):
+                raise AssertionError(f"blocking host-to-device copy in a sampling loop: {func}")
+        if func is torch.ops.aten.copy_.default:
+            target, source = args[0].device, args[1].device
+            if source.type == "cpu" and target.type != "cpu" and not (args[2:] and args[2]):
+                raise AssertionError(f"blocking host-to-device copy in a sampling loop: {func}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["raster_eager", "var", "flexvar", "flowar_euler", "acdit_ddim"])
+def test_training_loss_reads_nothing_on_the_host_and_copies_nothing_there(kind: str, monkeypatch) -> None:
+    """After its first step (which moves the tokenizer and the noise tables once), a training loss and backward on
+    the meta device: no read of device data and no blocking host-to-device copy, so a GPU step never stalls."""
+    real_autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda device_type, **kw: contextlib.nullcontext()
+                        if device_type == "meta" else real_autocast(device_type, **kw))
+    model, _ = make_sampler(kind)
+    model = model.to("meta").train()
+    tokens = bench.random_tokens(model.spec, 4, torch.device("meta"), torch.Generator().manual_seed(0))
+    labels = torch.zeros(4, dtype=torch.long, device="meta")
+    model.loss(tokens, labels)["loss"].backward()
+    for name in ("tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, refuse_host_data(getattr(torch, name)))
+    with NoBlockingHostToDeviceCopies():
+        model.loss(tokens, labels)["loss"].backward()
 
 
 # --- compiled training step ---------------------------------------------------------------------------------------

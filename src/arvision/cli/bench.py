@@ -21,7 +21,11 @@ from arvision.utils.instantiate import instantiate
 from arvision.utils.results import git_sha, now, versions, write_json_atomic
 
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
 def resolve_device(cfg: DictConfig) -> tuple[torch.device, str]:
+    """The device and the training precision (the sampling precision is `sample_precision`)."""
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -29,15 +33,29 @@ def resolve_device(cfg: DictConfig) -> tuple[torch.device, str]:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device=cuda needs a CUDA GPU and none is visible; use device=cpu")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision not in ("fp32", "tf32", "bf16", "fp16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32, tf32, bf16 or fp16, got {precision!r}")
-    if device.type == "cuda":  # tf32: fp32 tensors, TF32 matmuls and convolutions (FlowAR trains so)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    use_tf32(device, precision == "tf32")
     return device, precision
+
+
+def use_tf32(device: torch.device, enabled: bool) -> None:
+    """tf32: fp32 tensors with TF32 matmuls and convolutions (FlowAR trains so); set per timed phase."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+
+
+def sample_precision(cfg: DictConfig, precision: str) -> str:
+    """sample.precision, or the training precision when unset (FlowAR samples in fp16, ACDiT in fp32)."""
+    chosen = cfg.sample.get("precision") or precision
+    if chosen not in PRECISIONS:
+        raise ValueError(f"sample.precision must be null, fp32, tf32, bf16 or fp16, got {chosen!r}")
+    return chosen
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     device, precision = resolve_device(cfg)
+    sampled_in = sample_precision(cfg, precision)
     torch.manual_seed(cfg.seed)
     tokenizer = instantiate(cfg.tokenizer.model, image_size=cfg.data.image_size, image_channels=cfg.data.channels)
     generator = instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=cfg.data.num_classes)
@@ -57,17 +75,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                            precision=precision, warmup=cfg.train.warmup,
                                            repeats=cfg.train.repeats, compile=cfg.compile, seed=cfg.seed)
     if not cfg.skip_sampling:
-        common = dict(batch_size=cfg.sample.batch_size, sampling=sampling, device=device, precision=precision,
+        use_tf32(device, sampled_in == "tf32")
+        common = dict(batch_size=cfg.sample.batch_size, sampling=sampling, device=device, precision=sampled_in,
                       warmup=cfg.sample.warmup, repeats=cfg.sample.repeats, seed=cfg.seed)
         result["sample_cfg"] = bench.bench_sampling(generator, tokenizer, cfg=float(cfg.sample.cfg), **common)
-        result["sample_no_cfg"] = bench.bench_sampling(generator, tokenizer, cfg=1.0, **common)
+        if cfg.sample.get("no_cfg", True):
+            result["sample_no_cfg"] = bench.bench_sampling(generator, tokenizer, cfg=1.0, **common)
     return result
 
 
 def summary(result: dict[str, Any]) -> dict[str, object]:
     train = result["train"]
     row: dict[str, object] = {"pair": f"{result['tokenizer']}+{result['generator']}", "device": result["device"],
-                              "precision": result["precision"], "params (M)": result["params"]["generator"] / 1e6,
+                              "precision": result["precision"] + (
+                                  f" / {result['sample_cfg']['precision']}" if "sample_cfg" in result and
+                                  result["sample_cfg"]["precision"] != result["precision"] else ""), "params (M)": result["params"]["generator"] / 1e6,
                               "train img/s": train["img_per_s"], "train peak MiB": train.get(
                                   "peak_memory_mib", train.get("peak_rss_mib")),
                               "MFU": train.get("mfu") if train.get("mfu") is not None else "-"}

@@ -27,8 +27,8 @@ def segment_ids(lengths: Sequence[int], *, device: torch.device | str | None = N
     """(L,) long: the segment index of every position, for segments of the given lengths laid end to end."""
     if any(n <= 0 for n in lengths):
         raise ValueError(f"segment lengths must be positive, got {list(lengths)}")
-    return torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                   torch.as_tensor(list(lengths), device=device), output_size=sum(lengths))
+    # Filled on the device: no host data copied there (on CUDA a blocking copy waits for the stream).
+    return torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(lengths)])
 
 
 def block_causal_mask(lengths: Sequence[int], *, device: torch.device | str | None = None) -> torch.Tensor:
