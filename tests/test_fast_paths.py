@@ -4,6 +4,8 @@ tensor on the host.
 - static KV cache + position mask (`nn.attention.StaticKVCache`) = the growing `KVCache`, for any chunking, GQA;
 - raster `sample(decode=static|compiled)` = `decode=eager`: per-step logits and sampled tokens, CFG on and off,
   grid, flattened-depth and depth-head RVQ layouts; `compiled` builds one graph for every step;
+- next-scale `sample(decode=static|compiled)` = `decode=eager`: per-scale logits and tokens (VAR, FlexVAR, CFG on
+  and off); `compiled` builds one graph per scale and none on a second run;
 - no host synchronisation: every generator samples (a) with scalar reads of tensors forbidden (`.item()`, `bool()`,
   `float()`, `nonzero`…, which on CUDA each wait for the device) and (b) on the meta device, where tensors have no
   data at all, so any host read of a device tensor (`.tolist()` included) fails, and where host data copied onto
@@ -176,6 +178,73 @@ def test_compiled_decode_is_one_graph_and_samples_the_static_tokens() -> None:
     assert compile_seconds < 120  # ≈ 15 s on one CPU thread
 
 
+# --- next-scale: static and compiled per-scale steps -----------------------------------------------------------------
+
+
+def next_scale_model(residual: bool) -> NextScaleGenerator:
+    tok = msvq() if residual else vq()
+    torch.manual_seed(0)
+    model = NextScaleGenerator(spec=tok.spec, num_classes=NUM_CLASSES, depth=2, dim=32, heads=2,
+                               residual=residual).attach_tokenizer(copy.deepcopy(tok))
+    with torch.no_grad():  # VAR's zero-initialised head would make every logit equal
+        model.head.weight.normal_(std=1.0)
+    return model.eval()
+
+
+class HeadOutputs:
+    """Records the head's output (each scale's raw logits) while a sampling run is eager (hooks are not traced)."""
+
+    def __init__(self, model: NextScaleGenerator) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self.handle = model.head.register_forward_hook(lambda mod, inp, out: self.outputs.append(out.detach()))
+
+    def __enter__(self) -> HeadOutputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+@pytest.mark.parametrize("residual", [True, False])
+def test_next_scale_static_step_gives_the_eager_logits_at_every_scale(residual: bool, cfg: float) -> None:
+    """Greedy, so both runs feed back the same maps: the logits of every scale match, and so do the tokens."""
+    model = next_scale_model(residual)
+    labels = torch.tensor([0, 2, 1])
+    runs = {}
+    for decode in ("eager", "static"):
+        with HeadOutputs(model) as head:
+            runs[decode] = (model.sample(labels, cfg=cfg, temperature=0.0, decode=decode), head.outputs)
+    (eager, eager_logits), (static, static_logits) = runs["eager"], runs["static"]
+    assert len(static_logits) == len(eager_logits) == len(model.scales)
+    for got, want in zip(static_logits, eager_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(static if residual else [static], eager if residual else [eager], strict=True):
+        assert torch.equal(got, want)
+
+
+def test_next_scale_compiled_step_is_one_graph_per_scale_and_samples_the_static_tokens() -> None:
+    """torch.compile(fullgraph=True) of the static step on the CPU (on CUDA: CUDA-graph replay, same function): a
+    graph per scale (their shapes differ), none compiled again on a second run, tokens those of `static`."""
+    from torch._dynamo.utils import counters
+    model = next_scale_model(True)
+    labels = torch.tensor([0, 1])
+    graphs = counters["stats"]["unique_graphs"]
+    run = functools.partial(model.sample, labels, cfg=2.5, top_k=8)
+    compiled = run(generator=torch.Generator().manual_seed(3), decode="compiled")
+    assert counters["stats"]["unique_graphs"] - graphs == len(model.scales)
+    again = run(generator=torch.Generator().manual_seed(3), decode="compiled")
+    assert counters["stats"]["unique_graphs"] - graphs == len(model.scales), "a scale recompiled"
+    static = run(generator=torch.Generator().manual_seed(3), decode="static")
+    for a, b, c in zip(compiled, again, static, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_next_scale_decode_mode_is_checked_before_any_work() -> None:
+    with pytest.raises(ValueError, match="decode must be one of"):
+        next_scale_model(True).sample(torch.tensor([0]), decode="graph")
+
+
 # --- no host synchronisation in sampling loops ----------------------------------------------------------------------
 
 
@@ -208,11 +277,11 @@ def make_sampler(kind: str):
     torch.manual_seed(0)
     if kind.startswith("raster"):
         return raster(), {"decode": kind.split("_")[1]}
-    if kind in ("var", "flexvar"):
-        tok = msvq() if kind == "var" else vq()
+    if kind in ("var", "var_static", "flexvar"):
+        tok = vq() if kind == "flexvar" else msvq()
         model = NextScaleGenerator(spec=tok.spec, num_classes=NUM_CLASSES, depth=1, dim=32, heads=2,
-                                   residual=kind == "var").attach_tokenizer(copy.deepcopy(tok))
-        return model, {"top_k": 8, "top_p": 0.9}
+                                   residual=kind != "flexvar").attach_tokenizer(copy.deepcopy(tok))
+        return model, {"top_k": 8, "top_p": 0.9, "decode": "static" if kind == "var_static" else "eager"}
     if kind.startswith("flowar"):
         model = FlowARGenerator(spec=VAE, num_classes=NUM_CLASSES, dim=32, depth=1, heads=2, head_width=32,
                                 head_depth=1, head_heads=2, attention="sdpa")
@@ -223,7 +292,7 @@ def make_sampler(kind: str):
     return model, {"steps": 3, "sampler": sampler, **({"eta": 1.0} if sampler == "ddim" else {})}
 
 
-SAMPLERS = ["raster_eager", "raster_static", "var", "flexvar", "flowar_euler", "flowar_heun",
+SAMPLERS = ["raster_eager", "raster_static", "var", "var_static", "flexvar", "flowar_euler", "flowar_heun",
             "flowar_euler_maruyama", "acdit_dpm_solver_pp", "acdit_ddim"]
 
 

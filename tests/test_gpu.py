@@ -5,7 +5,7 @@ here skips itself without CUDA, and the default run deselects them (`-m 'not slo
   and bf16, for the three masked paradigms (block-causal next_scale / flowar, skip-causal acdit);
 - no host synchronisation inside any sampling loop: `torch.cuda.set_sync_debug_mode("error")` raises on every
   operation that waits for the device (`.item()`, a device-to-host copy, `nonzero`, a synchronous copy…);
-- raster decode: the static cache and the compiled CUDA-graph step sample the eager tokens;
+- raster and next-scale decode: the static caches and the compiled CUDA-graph steps sample the eager tokens;
 - the optimiser is PyTorch's fused AdamW on CUDA parameters.
 """
 
@@ -22,7 +22,7 @@ from arvision.generators.acdit import ACDiTGenerator
 from arvision.generators.flowar import FlowARGenerator
 from arvision.generators.next_scale import NextScaleGenerator
 from arvision.tasks.optim import adamw
-from tests.test_fast_paths import NUM_CLASSES, SAMPLERS, VAE, make_sampler, msvq, raster
+from tests.test_fast_paths import NUM_CLASSES, SAMPLERS, VAE, make_sampler, msvq, next_scale_model, raster
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
@@ -104,6 +104,18 @@ def test_static_and_cuda_graph_decode_sample_the_eager_tokens(layout: str) -> No
         again = model.sample(labels, cfg=2.0, temperature=0.0, decode="compiled")  # a replay, no recompilation
     assert torch.equal(static, eager)
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_next_scale_static_and_cuda_graph_steps_sample_the_eager_tokens(residual: bool) -> None:
+    model = next_scale_model(residual).to(CUDA)
+    labels = torch.tensor([0, 1, 2, 1], device=CUDA)
+    runs = {decode: model.sample(labels, cfg=2.5, temperature=0.0, decode=decode)
+            for decode in ("eager", "static", "compiled")}
+    again = model.sample(labels, cfg=2.5, temperature=0.0, decode="compiled")  # replays, no recompilation
+    for decode, out in [*runs.items(), ("again", again)]:
+        for got, want in zip(out if residual else [out], runs["eager"] if residual else [runs["eager"]], strict=True):
+            assert torch.equal(got, want), decode
 
 
 def test_the_optimiser_is_fused_adamw_on_cuda_parameters() -> None:

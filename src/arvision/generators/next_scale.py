@@ -9,6 +9,10 @@ SOS = class embedding + `pos_start`; every position adds its position embedding.
 scales (a token sees its own scale and all coarser ones), so the logits at scale k depend only on the class and
 the inputs of scales ≤ k, and scale k's input is built from scales < k. Sampling runs one forward per scale with
 a KV cache: the new scale's n_k² queries may see every cached key and each other, so no mask is needed there.
+`sample(decode=…)` runs that loop in one of three ways that compute the same function: `eager` appends to growing
+caches; `static` writes each scale into fixed-size caches of all L positions and masks the slots after the scale
+(`static_step`, the same shapes on every call); `compiled` is `static_step` under torch.compile, one graph per scale,
+replayed as a CUDA graph on CUDA (`mode="reduce-overhead"`).
 
 VAR (`residual=True`, tokenizer=msvq). The input of scale k+1 is the running f̂ = Σ_{j≤k} φ_j(up(codebook[idx_j]))
 area-downsampled to n_{k+1} (the tokenizer's `teacher_forcing_inputs` / `next_scale_input`, VAR's
@@ -56,8 +60,9 @@ are rebuilt here (load with strict=False). FlexVAR's `pos_1LC` is the 1×C×P×P
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +72,7 @@ from torch import nn
 from arvision.generators.base import Generator, require
 from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import classifier_free_guidance, linear_cfg_schedule, sample_from_logits
-from arvision.nn.attention import KVCache, flex
+from arvision.nn.attention import KVCache, StaticKVCache, flex
 from arvision.nn.blocks import DropPath
 from arvision.nn.masks import (block_causal_mask, block_causal_mask_mod, flex_block_mask, is_block_mask, segment_ids,
                                use_flex)
@@ -77,6 +82,11 @@ from arvision.tokenizers.quantize import nearest_code
 # VAR's 256-pixel schedule (16×16 latent); smaller latents use it truncated and ending at their side.
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MASK_CACHE_SIZE = 64  # FlexVAR draws a schedule per batch: keep the masks of the most recent ones
+DECODE_MODES = ("eager", "static", "compiled")
+# As raster's: per generator, the static caches of its latest sampling shape, outside the module (EMA deepcopy,
+# pickling and state_dict never see them) and reused so that their addresses stay fixed for CUDA-graph replay.
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED_STEPS: dict[str, Callable] = {}  # torch.compile'd `static_step`, one per mode; one graph per scale
 
 
 def var_schedule(side: int) -> tuple[int, ...]:
@@ -489,18 +499,77 @@ class NextScaleGenerator(Generator):
             return cfg - 1.0
         raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
 
+    # --- sampling ---------------------------------------------------------------------------------------------
+
+    def static_step(self, x: torch.Tensor, cond: torch.Tensor, positions: torch.Tensor,
+                    caches: list[StaticKVCache]) -> torch.Tensor:
+        """One scale's forward with fixed-size caches: x (R, n², dim) the scale's tokens at `positions` (n²,) long
+        on x's device → logits (R, n², vocab) fp32. Keys and values are written into `caches` at those positions;
+        attention covers all L slots, those after the scale masked (its queries see every slot up to its last)."""
+        visible = torch.arange(caches[0].max_len, device=x.device) <= positions[-1:, None]  # (1, L)
+        return self.run(x, cond, attn_mask=visible, caches=[cache.at(positions) for cache in caches])
+
+    @torch.inference_mode()
+    def static_caches(self, rows: int, length: int, device: torch.device) -> list[StaticKVCache]:
+        """Per-block static caches of `length` slots for `rows` rows, in the autocast dtype if on (what SDPA
+        computes in) else the weights' dtype: the previous call's when the shape matches, zero-filled again."""
+        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.blocks[0].attn.mat_qkv.weight.dtype
+        key = (rows, length, str(device), dtype)
+        held = _STATIC_CACHES.get(self)
+        if held is not None and held[0] == key:
+            for cache in held[1]:
+                cache.reset()
+            return held[1]
+        attn = self.blocks[0].attn
+        caches = [StaticKVCache(rows, attn.heads, length, attn.head_dim, dtype=dtype, device=device)
+                  for _ in self.blocks]
+        _STATIC_CACHES[self] = (key, caches)
+        return caches
+
+    def scale_stepper(self, decode: str, *, rows: int, length: int,
+                      device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]:
+        """The per-scale forward of one sampling run, (x, cond, start, n²) → logits of the scale's tokens."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode == "eager":
+            caches = [KVCache(length) for _ in self.blocks]
+            return lambda x, cond, start, count: self.run(x, cond, caches=caches)
+        static = self.static_caches(rows, length, device)
+        slots = torch.arange(length, device=device)  # the scale's positions: a view, no host copy
+        if decode == "static":
+            return lambda x, cond, start, count: self.static_step(x, cond, slots[start:start + count], static)
+        cuda = device.type == "cuda"
+        mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA-graph replay of each scale
+        if mode not in _COMPILED_STEPS:
+            _COMPILED_STEPS[mode] = torch.compile(NextScaleGenerator.static_step, mode=mode, fullgraph=True,
+                                                  dynamic=False)
+        compiled = _COMPILED_STEPS[mode]
+        # One graph per scale (its shapes differ): room for every scale of a schedule, and of a few schedules.
+        graphs = max(torch._dynamo.config.recompile_limit, 4 * len(self.scales))
+
+        def step(x: torch.Tensor, cond: torch.Tensor, start: int, count: int) -> torch.Tensor:
+            if cuda:  # the previous scale's outputs are consumed: the graphs may overwrite them
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch._dynamo.config.patch(recompile_limit=graphs):
+                return compiled(self, x, cond, slots[start:start + count], static)
+        return step
+
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_schedule: str = "linear",
-               schedule: Sequence[int] | None = None):
+               schedule: Sequence[int] | None = None, decode: str = "eager"):
         """Sample for `labels` (B,): VAR mode → list of K maps (B, n_k, n_k); FlexVAR mode → the grid (B, side, side).
 
         One forward per scale over only that scale's tokens, against per-block KV caches. cfg ≠ 1 runs the
         conditional and null-class rows as one batch of 2B (see the module docstring for the parametrisation).
-        `schedule` (FlexVAR mode) may differ from the trained one, in sides and in number of steps.
+        `schedule` (FlexVAR mode) may differ from the trained one, in sides and in number of steps. `decode` =
+        eager | static | compiled runs the per-scale forward (module docstring); all three sample the same tokens.
         """
         schedule = self.check_schedule(schedule)
         self.guidance(cfg, 0, len(schedule), cfg_schedule)  # validates the schedule name before any work
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         was_training = self.training
         self.eval()
         try:
@@ -509,12 +578,12 @@ class NextScaleGenerator(Generator):
             rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
             cond = self.class_emb(rows)
             positions = self.positions(schedule)
-            caches = [KVCache(positions.shape[1]) for _ in self.blocks]
+            step = self.scale_stepper(decode, rows=cond.shape[0], length=positions.shape[1], device=labels.device)
             tokenizer = self.tokenizer_on(labels.device)
             x = self.start_tokens(cond) + positions[:, :schedule[0] ** 2]
             maps, f_hat, start = [], None, 0
             for k, n in enumerate(schedule):
-                logits = self.run(x, cond, caches=caches)
+                logits = step(x, cond, start, n * n)
                 if guided:
                     t = self.guidance(cfg, k, len(schedule), cfg_schedule)
                     logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u

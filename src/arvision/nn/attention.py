@@ -86,9 +86,10 @@ class StaticSlot(NamedTuple):
     positions: torch.Tensor
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, kv_heads, n, head_dim) at `positions` in place; return the whole storage."""
-        self.k.index_copy_(2, self.positions, k)
-        self.v.index_copy_(2, self.positions, v)
+        """Write k, v (B, kv_heads, n, head_dim) at `positions` in place; return the whole storage. Stored in the
+        storage's dtype: the autocast dtype that attention computes in (VAR's unit keys come out of autocast fp32)."""
+        self.k.index_copy_(2, self.positions, k.to(self.k.dtype))
+        self.v.index_copy_(2, self.positions, v.to(self.v.dtype))
         return self.k, self.v
 
 
