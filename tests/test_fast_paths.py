@@ -37,6 +37,7 @@ from arvision.tasks.generator_task import GeneratorTask
 from arvision.tokenizers.base import TokenSpec
 from arvision.tokenizers.msvq import MultiScaleVQTokenizer
 from arvision.tokenizers.vq import VQTokenizer
+from tests.test_next_scale import HeadCalls
 
 NUM_CLASSES = 3
 GRID = TokenSpec(name="vq", kind="discrete", layout="grid", grid=(4, 4), dim=8, vocab_size=32)
@@ -191,20 +192,6 @@ def next_scale_model(residual: bool) -> NextScaleGenerator:
     return model.eval()
 
 
-class HeadOutputs:
-    """Records the head's output (each scale's raw logits) while a sampling run is eager (hooks are not traced)."""
-
-    def __init__(self, model: NextScaleGenerator) -> None:
-        self.outputs: list[torch.Tensor] = []
-        self.handle = model.head.register_forward_hook(lambda mod, inp, out: self.outputs.append(out.detach()))
-
-    def __enter__(self) -> HeadOutputs:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 @pytest.mark.parametrize("residual", [True, False])
 def test_next_scale_static_step_gives_the_eager_logits_at_every_scale(residual: bool, cfg: float) -> None:
@@ -213,7 +200,7 @@ def test_next_scale_static_step_gives_the_eager_logits_at_every_scale(residual: 
     labels = torch.tensor([0, 2, 1])
     runs = {}
     for decode in ("eager", "static"):
-        with HeadOutputs(model) as head:
+        with HeadCalls(model) as head:
             runs[decode] = (model.sample(labels, cfg=cfg, temperature=0.0, decode=decode), head.outputs)
     (eager, eager_logits), (static, static_logits) = runs["eager"], runs["static"]
     assert len(static_logits) == len(eager_logits) == len(model.scales)
