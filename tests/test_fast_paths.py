@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 import functools
 import time
 
@@ -230,6 +231,42 @@ def test_next_scale_compiled_step_is_one_graph_per_scale_and_samples_the_static_
 def test_next_scale_decode_mode_is_checked_before_any_work() -> None:
     with pytest.raises(ValueError, match="decode must be one of"):
         next_scale_model(True).sample(torch.tensor([0]), decode="graph")
+
+
+# --- flowar: the head's precision in sampling, and its compiled evaluation ------------------------------------------
+
+
+def flowar_model(spec: TokenSpec = VAE) -> FlowARGenerator:
+    torch.manual_seed(0)
+    return FlowARGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=1, heads=2, head_width=32, head_depth=1,
+                           head_heads=2, attention="sdpa").eval()
+
+
+@pytest.mark.parametrize("head_fp32", [False, True])
+def test_flowar_head_samples_under_the_ambient_autocast_unless_asked_for_fp32(head_fp32: bool) -> None:
+    """FlowAR samples with its head under fp16 autocast (engine.py); training keeps the head in fp32."""
+    model = flowar_model()
+    seen: list[torch.dtype] = []
+    hook = model.head.output.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.sample(torch.tensor([0, 1]), cfg=2.0, steps=3, head_fp32=head_fp32)
+    hook.remove()
+    assert seen and set(seen) == {torch.float32 if head_fp32 else torch.bfloat16}
+
+
+def test_flowar_compiled_head_samples_the_eager_latents_and_compiles_once() -> None:
+    from torch._dynamo.utils import counters
+    model = flowar_model(replace(VAE, grid=(4, 4), image_size=16))  # scales 1, 2, 4: three graphs to compile
+    run = functools.partial(model.sample, torch.tensor([0, 2]), cfg=1.0, steps=3)
+    eager = run(generator=torch.Generator().manual_seed(5))
+    compiled = run(generator=torch.Generator().manual_seed(5), decode="compiled")
+    graphs = counters["stats"]["unique_graphs"]
+    again = run(generator=torch.Generator().manual_seed(5), decode="compiled")
+    assert counters["stats"]["unique_graphs"] == graphs, "a head evaluation recompiled"
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, compiled)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        run(decode="static")
 
 
 # --- no host synchronisation in sampling loops ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ here skips itself without CUDA, and the default run deselects them (`-m 'not slo
 - no host synchronisation inside any sampling loop: `torch.cuda.set_sync_debug_mode("error")` raises on every
   operation that waits for the device (`.item()`, a device-to-host copy, `nonzero`, a synchronous copy…);
 - raster and next-scale decode: the static caches and the compiled CUDA-graph steps sample the eager tokens;
+  FlowAR's compiled CUDA-graph head samples the eager latents (Euler and Heun);
 - the optimiser is PyTorch's fused AdamW on CUDA parameters.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -22,7 +24,8 @@ from arvision.generators.acdit import ACDiTGenerator
 from arvision.generators.flowar import FlowARGenerator
 from arvision.generators.next_scale import NextScaleGenerator
 from arvision.tasks.optim import adamw
-from tests.test_fast_paths import NUM_CLASSES, SAMPLERS, VAE, make_sampler, msvq, next_scale_model, raster
+from tests.test_fast_paths import (NUM_CLASSES, SAMPLERS, VAE, flowar_model, make_sampler, msvq, next_scale_model,
+                                  raster)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
@@ -116,6 +119,18 @@ def test_next_scale_static_and_cuda_graph_steps_sample_the_eager_tokens(residual
     for decode, out in [*runs.items(), ("again", again)]:
         for got, want in zip(out if residual else [out], runs["eager"] if residual else [runs["eager"]], strict=True):
             assert torch.equal(got, want), decode
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flowar_cuda_graph_head_samples_the_eager_latents(sampler: str) -> None:
+    """Heun reads its first velocity after the second evaluation: a replay must not overwrite what it returned."""
+    model = flowar_model().to(CUDA)
+    labels = torch.tensor([0, 1, 2, 1], device=CUDA)
+    run = functools.partial(model.sample, labels, cfg=2.0, steps=4, sampler=sampler)
+    eager = run(generator=torch.Generator(device=CUDA).manual_seed(5))
+    for _ in range(2):  # the first run records the graphs, the second replays them
+        compiled = run(generator=torch.Generator(device=CUDA).manual_seed(5), decode="compiled")
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_the_optimiser_is_fused_adamw_on_cuda_parameters() -> None:

@@ -27,19 +27,24 @@ convention, its paper flips t). Two kinds (`head`):
 t is drawn once per (image, scale) and shared by its tokens; the head embeds floor(1000·t). The loss is FlowAR's:
 Σ_k MSE_k · n_k / n_K (n_k = tokens of scale k), i.e. every token counts equally, normalised by the finest scale.
 `head_batch_mul` > 1 repeats the head's part of the batch with fresh t and noise (MAR's `diffusion_batch_mul`).
-The head and the loss run in fp32 with autocast off (FlowAR trains in fp32/TF32 and reports NaNs otherwise).
+The head and the loss run in fp32 with autocast off in training (FlowAR trains in fp32/TF32 and reports NaNs
+otherwise); in sampling the head follows the ambient autocast, as FlowAR samples under fp16 autocast
+(`sample(head_fp32=True)` keeps it in fp32 there too).
 
 Sampling, per scale k: one cached backbone pass, then Euler (or Heun / Euler–Maruyama) from t = 1 to 0 on FlowAR's
 non-uniform grid (or a uniform one) with classifier-free guidance on the velocity, uncond + w_k·(cond − uncond):
 w_k ramps linearly from 1 at the first scale to `cfg` at the last (FlowAR; `cfg_schedule=constant` keeps `cfg`),
 and is applied only while t ≤ guidance_high (FlowAR: 0.9 for S/L, 0.7 for H). Under CFG the backbone runs
 conditional and null-class rows as one batch of 2B; the sampled latent feeds both halves' next input.
+`sample(decode="compiled")` runs each head evaluation through torch.compile (one graph per scale and row count,
+replayed as a CUDA graph on CUDA, `mode="reduce-overhead"`); `eager` (default) calls the head as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,8 @@ from arvision.tokenizers.base import TokenSpec
 HEADS = ("spatial", "mlp")
 POSITIONS = ("both", "learned", "rope")
 CFG_SCHEDULES = ("linear", "constant")
+DECODE_MODES = ("eager", "compiled")
+_COMPILED_HEADS: dict[str, Callable] = {}  # torch.compile'd `velocity`, one per mode; one graph per head shape
 
 
 def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -310,12 +317,35 @@ class FlowARGenerator(Generator):
         return self.backbone(self.ar_inputs(pyramid, class_emb), class_emb, attn_mask=ar_mask), pyramid
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, *, start: int = 0,
-                 attn_mask=None) -> torch.Tensor:
-        """The head in fp32 with autocast off: x_t (N, n, C), t (N, n) flow times in [0, 1], z (N, n, dim)."""
+                 attn_mask=None, fp32: bool = True) -> torch.Tensor:
+        """The head: x_t (N, n, C), t (N, n) flow times in [0, 1], z (N, n, dim); in fp32 with autocast off, or
+        (fp32=False, sampling) under the ambient autocast as FlowAR samples."""
         rope = None if self.head_rope is None else self.head_rope[start:start + x_t.shape[1]]
-        with torch.autocast(device_type=x_t.device.type, enabled=False):
-            return self.head(x_t.float(), self.process.timestep_embedding_input(t), z.float(), rope=rope,
-                             attn_mask=attn_mask)
+        with torch.autocast(device_type=x_t.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+            return self.head(x_t.float() if fp32 else x_t, self.process.timestep_embedding_input(t),
+                             z.float() if fp32 else z, rope=rope, attn_mask=attn_mask)
+
+    def head_stepper(self, decode: str, *, fp32: bool, device: torch.device) -> Callable[..., torch.Tensor]:
+        """The head evaluation of the sampling loop, (x_t, t_tokens, z, start) → velocity: eager or compiled."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode == "eager":
+            return lambda x_t, t, z, start: self.velocity(x_t, t, z, start=start, fp32=fp32)
+        cuda = device.type == "cuda"
+        mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA-graph replay of each evaluation
+        if mode not in _COMPILED_HEADS:
+            _COMPILED_HEADS[mode] = torch.compile(FlowARGenerator.velocity, mode=mode, fullgraph=True, dynamic=False)
+        compiled = _COMPILED_HEADS[mode]
+        # One graph per scale and row count (2B while guided, B outside the guidance interval).
+        graphs = max(torch._dynamo.config.recompile_limit, 4 * len(self.scales))
+
+        def step(x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, start: int) -> torch.Tensor:
+            if cuda:  # a new replay may overwrite the previous outputs: the samplers keep a copy (Heun reuses one)
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch._dynamo.config.patch(recompile_limit=graphs):
+                out = compiled(self, x_t, t, z, start=start, fp32=fp32)
+            return out.clone() if cuda else out
+        return step
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         z, pyramid = self(tokens, labels)
@@ -354,10 +384,12 @@ class FlowARGenerator(Generator):
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
                steps: int = 25, sampler: str = "euler", time_grid: str = "flowar", guidance_high: float = 0.9,
-               guidance_low: float = 0.0, cfg_schedule: str = "linear") -> torch.Tensor:
+               guidance_low: float = 0.0, cfg_schedule: str = "linear", head_fp32: bool = False,
+               decode: str = "eager") -> torch.Tensor:
         """Sample latents (B, C, h, h) for `labels` (B,). Per scale: one cached backbone pass over the scale's new
         slots, then the head's ODE from noise (drawn with `generator`, on its device) with guidance weight w_k
-        applied while guidance_low ≤ t ≤ guidance_high (cfg = 1: no null-class rows at all)."""
+        applied while guidance_low ≤ t ≤ guidance_high (cfg = 1: no null-class rows at all). The head runs under
+        the ambient autocast unless `head_fp32`; `decode` = eager | compiled (module docstring)."""
         self._last_sampling = {"steps": steps, "sampler": sampler, "time_grid": time_grid}
         was_training = self.training
         self.eval()
@@ -367,6 +399,7 @@ class FlowARGenerator(Generator):
             cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
             class_emb = self.cls_embedding(cond)
             caches = self.new_caches()
+            head = self.head_stepper(decode, fp32=head_fp32, device=device)
             x = class_emb[:, None]
             for k, s in enumerate(self.scales):
                 start = self.offsets[k]
@@ -375,7 +408,7 @@ class FlowARGenerator(Generator):
                 def model_fn(x_t: torch.Tensor, t: torch.Tensor, z=z, start=start) -> torch.Tensor:
                     # 2B rows when this scale is guided, else the B conditional rows (z's first half)
                     t_tokens = t[:, None].expand(-1, x_t.shape[1])
-                    return self.velocity(x_t, t_tokens, z[: x_t.shape[0]], start=start)
+                    return head(x_t, t_tokens, z[: x_t.shape[0]], start)
 
                 noise = torch.randn((batch, s * s, self.channels), generator=generator,
                                     device=generator.device if generator is not None else device).to(device)
