@@ -129,8 +129,11 @@ def run_item(item: Item, args: argparse.Namespace, deadline: float, log) -> dict
     return record
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a and b else "–"
+def ratio(a: float | None, b: float | None, goal: float | None = None) -> str:
+    """a/b, marked against the goal when one is given: ✓ met, ✗ not."""
+    if not (a and b):
+        return "–"
+    return f"{a / b:.2f}×" + ("" if goal is None else (" ✓" if a / b >= goal else " ✗"))
 
 
 def fmt(x: float | None) -> str:
@@ -161,9 +164,10 @@ def summarize(records: list[dict], check: bool = False) -> str:
         off_train = official.get("train_core", official.get("train", {})).get("img_per_s")
         off_sample = official.get("sample", {}).get("img_per_s")
         goal_t, goal_s = GOALS[model]
-        lines.append(f"| {model} | {fmt(train)} | {fmt(off_train)} | {ratio(train, off_train)} | {train_fig} | "
-                     f"{ratio(train, train_fig)} | {goal_t}× | {fmt(sample)} | {fmt(off_sample)} | "
-                     f"{ratio(sample, off_sample)} | {sample_fig} | {ratio(sample, sample_fig)} | {goal_s}× |")
+        lines.append(f"| {model} | {fmt(train)} | {fmt(off_train)} | {ratio(train, off_train, goal_t)} | "
+                     f"{train_fig} | {ratio(train, train_fig, goal_t)} | {goal_t}× | {fmt(sample)} | "
+                     f"{fmt(off_sample)} | {ratio(sample, off_sample, goal_s)} | {sample_fig} | "
+                     f"{ratio(sample, sample_fig, goal_s)} | {goal_s}× |")
     lines += ["", "Official train: its training loop's step (grad clipping, FlowAR's EMA and scaler included); "
               "`core` is forward, backward and the optimiser step alone (the summary's FlowAR figure), `encode` "
               "adds the tokenizer's encoder.", "",
