@@ -54,6 +54,7 @@ from torch import nn
 from arvision.generators.base import Generator, require
 from arvision.generators.sampling import linear_cfg_schedule
 from arvision.nn.attention import Attention, KVCache
+from arvision.nn.graphs import compiled_step
 from arvision.nn.blocks import FeedForward, LabelEmbedding, TimestepEmbedder, swiglu_hidden
 from arvision.nn.masks import block_causal_mask, block_causal_mask_mod, flex_block_mask, segment_ids, use_flex
 from arvision.nn.norm import RMSNorm
@@ -65,7 +66,6 @@ HEADS = ("spatial", "mlp")
 POSITIONS = ("both", "learned", "rope")
 CFG_SCHEDULES = ("linear", "constant")
 DECODE_MODES = ("eager", "compiled")
-_COMPILED_HEADS: dict[str, Callable] = {}  # torch.compile'd `velocity`, one per mode; one graph per head shape
 
 
 def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -331,21 +331,10 @@ class FlowARGenerator(Generator):
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if decode == "eager":
             return lambda x_t, t, z, start: self.velocity(x_t, t, z, start=start, fp32=fp32)
-        cuda = device.type == "cuda"
-        mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA-graph replay of each evaluation
-        if mode not in _COMPILED_HEADS:
-            _COMPILED_HEADS[mode] = torch.compile(FlowARGenerator.velocity, mode=mode, fullgraph=True, dynamic=False)
-        compiled = _COMPILED_HEADS[mode]
-        # One graph per scale and row count (2B while guided, B outside the guidance interval).
-        graphs = max(torch._dynamo.config.recompile_limit, 4 * len(self.scales))
-
-        def step(x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, start: int) -> torch.Tensor:
-            if cuda:  # a new replay may overwrite the previous outputs: the samplers keep a copy (Heun reuses one)
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch._dynamo.config.patch(recompile_limit=graphs):
-                out = compiled(self, x_t, t, z, start=start, fp32=fp32)
-            return out.clone() if cuda else out
-        return step
+        # One graph per scale and row count (2B while guided, B outside the guidance interval), a CUDA graph on
+        # CUDA; its output copied, as Heun reads a velocity after the next evaluation.
+        compiled = compiled_step(FlowARGenerator.velocity, device, graphs=4 * len(self.scales), copy_output=True)
+        return lambda x_t, t, z, start: compiled(self, x_t, t, z, start=start, fp32=fp32)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         z, pyramid = self(tokens, labels)

@@ -60,7 +60,6 @@ are rebuilt here (load with strict=False). FlexVAR's `pos_1LC` is the 1×C×P×P
 from __future__ import annotations
 
 import math
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -73,6 +72,7 @@ from arvision.generators.base import Generator, require
 from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import classifier_free_guidance, linear_cfg_schedule, sample_from_logits
 from arvision.nn.attention import KVCache, StaticKVCache, flex
+from arvision.nn.graphs import compiled_step, held_static_caches
 from arvision.nn.blocks import DropPath
 from arvision.nn.masks import (block_causal_mask, block_causal_mask_mod, flex_block_mask, is_block_mask, segment_ids,
                                use_flex)
@@ -83,10 +83,6 @@ from arvision.tokenizers.quantize import nearest_code
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MASK_CACHE_SIZE = 64  # FlexVAR draws a schedule per batch: keep the masks of the most recent ones
 DECODE_MODES = ("eager", "static", "compiled")
-# As raster's: per generator, the static caches of its latest sampling shape, outside the module (EMA deepcopy,
-# pickling and state_dict never see them) and reused so that their addresses stay fixed for CUDA-graph replay.
-_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COMPILED_STEPS: dict[str, Callable] = {}  # torch.compile'd `static_step`, one per mode; one graph per scale
 
 
 def var_schedule(side: int) -> tuple[int, ...]:
@@ -509,23 +505,11 @@ class NextScaleGenerator(Generator):
         visible = torch.arange(caches[0].max_len, device=x.device) <= positions[-1:, None]  # (1, L)
         return self.run(x, cond, attn_mask=visible, caches=[cache.at(positions) for cache in caches])
 
-    @torch.inference_mode()
     def static_caches(self, rows: int, length: int, device: torch.device) -> list[StaticKVCache]:
-        """Per-block static caches of `length` slots for `rows` rows, in the autocast dtype if on (what SDPA
-        computes in) else the weights' dtype: the previous call's when the shape matches, zero-filled again."""
-        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else self.blocks[0].attn.mat_qkv.weight.dtype
-        key = (rows, length, str(device), dtype)
-        held = _STATIC_CACHES.get(self)
-        if held is not None and held[0] == key:
-            for cache in held[1]:
-                cache.reset()
-            return held[1]
+        """Per-block static caches of `length` slots for `rows` rows, held across sampling runs."""
         attn = self.blocks[0].attn
-        caches = [StaticKVCache(rows, attn.heads, length, attn.head_dim, dtype=dtype, device=device)
-                  for _ in self.blocks]
-        _STATIC_CACHES[self] = (key, caches)
-        return caches
+        return held_static_caches(self, layers=len(self.blocks), rows=rows, kv_heads=attn.heads, max_len=length,
+                                  head_dim=attn.head_dim, weight_dtype=attn.mat_qkv.weight.dtype, device=device)
 
     def scale_stepper(self, decode: str, *, rows: int, length: int,
                       device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]:
@@ -539,21 +523,9 @@ class NextScaleGenerator(Generator):
         slots = torch.arange(length, device=device)  # the scale's positions: a view, no host copy
         if decode == "static":
             return lambda x, cond, start, count: self.static_step(x, cond, slots[start:start + count], static)
-        cuda = device.type == "cuda"
-        mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA-graph replay of each scale
-        if mode not in _COMPILED_STEPS:
-            _COMPILED_STEPS[mode] = torch.compile(NextScaleGenerator.static_step, mode=mode, fullgraph=True,
-                                                  dynamic=False)
-        compiled = _COMPILED_STEPS[mode]
-        # One graph per scale (its shapes differ): room for every scale of a schedule, and of a few schedules.
-        graphs = max(torch._dynamo.config.recompile_limit, 4 * len(self.scales))
-
-        def step(x: torch.Tensor, cond: torch.Tensor, start: int, count: int) -> torch.Tensor:
-            if cuda:  # the previous scale's outputs are consumed: the graphs may overwrite them
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch._dynamo.config.patch(recompile_limit=graphs):
-                return compiled(self, x, cond, slots[start:start + count], static)
-        return step
+        # One graph per scale (their shapes differ), a CUDA graph on CUDA: room for a few schedules' scales.
+        compiled = compiled_step(NextScaleGenerator.static_step, device, graphs=4 * len(self.scales))
+        return lambda x, cond, start, count: compiled(self, x, cond, slots[start:start + count], static)
 
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,

@@ -21,7 +21,6 @@ step replays one CUDA graph (gpt-fast's recipe). Sampling itself (CFG, top-k/p, 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,15 +33,12 @@ from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import classifier_free_guidance, sample_from_logits
 from arvision.nn import KVCache, LabelEmbedding, RMSNorm, TransformerBlock, grid_positions, rope_2d, with_zero_prefix
 from arvision.nn.attention import StaticKVCache, position_mask
+from arvision.nn.graphs import compiled_step, held_static_caches
 from arvision.tokenizers.base import TokenSpec
 
 DEPTH_MODES = ("flatten", "head")
 DECODE_MODES = ("eager", "static", "compiled")
 
-# Per generator, the static caches of its latest sampling shape: reused across calls so their addresses stay fixed
-# for CUDA-graph replay, and held outside the module so deepcopy (EMA), pickling and state_dict never see them.
-_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COMPILED_STEPS: dict[str, Callable] = {}  # torch.compile'd `static_step`, one per mode; guards pick the graph
 
 
 def level_code_ids(codes: torch.Tensor, level: torch.Tensor | int, vocab_size: int,
@@ -223,24 +219,12 @@ class RasterGenerator(Generator):
         x = self.norm(x)
         return x if self.depth_mode == "head" else self.output(x).float()
 
-    @torch.inference_mode()
     def static_caches(self, rows: int, device: torch.device) -> list[StaticKVCache]:
-        """Per-layer static caches for `rows` rows, in the dtype the keys will have (the autocast dtype if on):
-        the previous call's when the shape matches (zero-filled again), otherwise fresh ones that replace them.
-        Inference tensors, like everything `sample` makes: write them under inference mode."""
-        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else self.layers[0].attention.wqkv.weight.dtype
-        key = (rows, str(device), dtype)
-        held = _STATIC_CACHES.get(self)
-        if held is not None and held[0] == key:
-            for cache in held[1]:
-                cache.reset()
-            return held[1]
+        """Per-layer static caches for `rows` rows, held across sampling runs (`nn.graphs.held_static_caches`)."""
         attention = self.layers[0].attention
-        caches = [StaticKVCache(rows, attention.kv_heads, self.seq_len, attention.head_dim, dtype=dtype, device=device)
-                  for _ in self.layers]
-        _STATIC_CACHES[self] = (key, caches)
-        return caches
+        return held_static_caches(self, layers=len(self.layers), rows=rows, kv_heads=attention.kv_heads,
+                                  max_len=self.seq_len, head_dim=attention.head_dim,
+                                  weight_dtype=attention.wqkv.weight.dtype, device=device)
 
     def slot_stepper(self, decode: str, *, rows: int,
                      device: torch.device) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -254,17 +238,8 @@ class RasterGenerator(Generator):
         positions = torch.arange(self.seq_len, device=device)  # slot t: the view positions[t:t+1], no host copy
         if decode == "static":
             return lambda x, t: self.static_step(x, positions[t:t + 1], static)
-        cuda = device.type == "cuda"
-        mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA-graph replay of the step
-        if mode not in _COMPILED_STEPS:
-            _COMPILED_STEPS[mode] = torch.compile(RasterGenerator.static_step, mode=mode, fullgraph=True)
-        compiled = _COMPILED_STEPS[mode]
-
-        def step(x: torch.Tensor, t: int) -> torch.Tensor:
-            if cuda:  # the previous step's outputs are consumed: the graph may overwrite them
-                torch.compiler.cudagraph_mark_step_begin()
-            return compiled(self, x, positions[t:t + 1], static)
-        return step
+        compiled = compiled_step(RasterGenerator.static_step, device)  # a CUDA graph on CUDA
+        return lambda x, t: compiled(self, x, positions[t:t + 1], static)
 
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
