@@ -86,10 +86,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def summary(result: dict[str, Any]) -> dict[str, object]:
     train = result["train"]
+    precision = result["precision"]  # training / sampling when they differ
+    sampled_in = result.get("sample_cfg", {}).get("precision", precision)
     row: dict[str, object] = {"pair": f"{result['tokenizer']}+{result['generator']}", "device": result["device"],
-                              "precision": result["precision"] + (
-                                  f" / {result['sample_cfg']['precision']}" if "sample_cfg" in result and
-                                  result["sample_cfg"]["precision"] != result["precision"] else ""), "params (M)": result["params"]["generator"] / 1e6,
+                              "precision": precision if sampled_in == precision else f"{precision} / {sampled_in}",
+                              "params (M)": result["params"]["generator"] / 1e6,
                               "train img/s": train["img_per_s"], "train peak MiB": train.get(
                                   "peak_memory_mib", train.get("peak_rss_mib")),
                               "MFU": train.get("mfu") if train.get("mfu") is not None else "-"}
