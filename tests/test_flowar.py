@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from arvision.generators.base import IncompatibleTokenizer
 from arvision.generators.flowar import FlowARGenerator, scale_positions
-from arvision.nn.masks import flex_available
+from arvision.nn.attention import Attention
+from arvision.nn.masks import flex_available, is_block_mask
 from arvision.tokenizers.base import TokenSpec
 
 VAE = TokenSpec(name="vae", kind="continuous", layout="grid", grid=(8, 8), dim=4, image_size=32)
@@ -139,6 +140,40 @@ def test_flex_block_masks_equal_dense_masks() -> None:
     except Exception as err:  # noqa: BLE001 - some CPU builds lack the eager flex path
         pytest.skip(f"FlexAttention does not run on this CPU build: {err}")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_is_unbiased_and_acts_in_training_only() -> None:
+    """FlowAR drops attention probabilities (attn_drop 0.1): in training SDPA's dropout, whose mean over draws is the
+    evaluation output (inverted dropout); in evaluation nothing is dropped."""
+    torch.manual_seed(0)
+    attention = Attention(16, 2, attn_dropout=0.3)
+    plain = Attention(16, 2)
+    plain.load_state_dict(attention.state_dict())
+    x = torch.randn(1, 6, 16)
+    mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    with torch.no_grad():
+        reference = plain.eval()(x, attn_mask=mask)
+        torch.testing.assert_close(attention.eval()(x, attn_mask=mask), reference)
+        attention.train()
+        draws = torch.stack([attention(x, attn_mask=mask) for _ in range(4000)])
+    assert (draws[0] - reference).abs().max() > 1e-2  # something was dropped
+    torch.testing.assert_close(draws.mean(0), reference, atol=0.03, rtol=0)
+
+
+def test_attention_dropout_trains_the_backbone_on_the_dense_mask() -> None:
+    """FlexAttention has no attention dropout: with it, training attends through SDPA's dense mask (as FlowAR does),
+    the head and evaluation keep the block masks; a block mask with dropout in training is refused."""
+    model = make(attention="flex", attn_dropout=0.1)
+    try:
+        backbone_mask, head_mask = model._masks(torch.device("cpu"))
+    except Exception as err:  # noqa: BLE001 - some CPU builds cannot build block masks
+        pytest.skip(f"FlexAttention block masks are not available on this CPU build: {err}")
+    assert is_block_mask(backbone_mask) and is_block_mask(head_mask)  # make() returns it in eval mode
+    backbone_mask, head_mask = model.train()._masks(torch.device("cpu"))
+    assert torch.equal(backbone_mask, model.ar_mask) and is_block_mask(head_mask)
+    flex_mask = model.eval()._masks(torch.device("cpu"))[0]
+    with pytest.raises(ValueError, match="no attention dropout"):
+        model.layers[0].attention.train()(torch.randn(1, model.seq_len, 32), attn_mask=flex_mask)
 
 
 # --- the heads --------------------------------------------------------------------------------------------------------------

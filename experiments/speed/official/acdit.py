@@ -17,7 +17,8 @@ and `spatial_2d`, which the released `ACDiT.__init__` does not accept). Timed, b
   weights and no autocast, TF32 off (sample_img.py leaves PyTorch's default); decode excluded (the VAE is not run).
 `--tiny` builds the same class at width 128, depth 2 on 8×8 latents (4 blocks of 16 tokens) to check the harness on
 a CPU; if FlexAttention fails there, it falls back to the official dense-mask path (models.USE_FLEX_ATTENTION =
-False) and says so in the result. The GPU path always runs the official FlexAttention code unchanged.
+False) and says so in the result. At full size on a CPU it trains in fp32 on the official dense-mask path, the same
+computation as arvision's CPU path. The GPU path always runs the official FlexAttention code unchanged.
 """
 
 from __future__ import annotations
@@ -162,7 +163,12 @@ def main() -> dict[str, Any]:
           f"of {model.block_size}, width {model.hidden_size}, depth {model.depth}")
     if args.build_only:
         return common.report(args, result)
-    if not models.USE_FLEX_ATTENTION and not args.tiny:
+    if device.type == "cpu" and not args.tiny and models.USE_FLEX_ATTENTION:
+        # A CPU run at full size compares against arvision's CPU path, dense SDPA with the mask: the official dense
+        # path is the same computation (compiling flex_attention for a CPU would time Inductor's CPU template)
+        models.USE_FLEX_ATTENTION = False
+        attention = "dense bool mask from the official ACDiT.build_attention_mask + SDPA (CPU, fp32)"
+    if not models.USE_FLEX_ATTENTION and device.type == "cuda":
         raise SystemExit("the official models.py fell back to dense attention: the GPU figure needs FlexAttention")
 
     if not args.skip_train:
@@ -178,6 +184,7 @@ def main() -> dict[str, Any]:
             ema = copy.deepcopy(model).to(torch.float32)
             ema.requires_grad_(False)
         model.train()
+        train_dtype = torch.bfloat16 if device.type == "cuda" or args.tiny else None  # fp32 on a CPU: no AMX here
         batch = args.train_batch
         # Scaled SD-VAE latents as a latent cache serves them, (N, C, H, W); labels over the 1000 classes.
         latents = torch.randn(batch, channels, side, side, device=device)
@@ -193,7 +200,7 @@ def main() -> dict[str, Any]:
             noised = scheduler.add_noise(latent.reshape(-1, 1, b, c), noise.reshape(-1, 1, b, c),
                                          t.reshape(-1)).reshape(n, t_len, b, c)
             optimizer.zero_grad()
-            with common.autocast(device, torch.bfloat16):
+            with common.autocast(device, train_dtype):
                 # train.py's DDP wrapper moves t to the GPU; here it is done by hand.
                 output = model(latent, noised, t.to(device), labels)
                 loss = F.mse_loss(output, noise.reshape(n, t_len * b, c))
@@ -221,8 +228,9 @@ def main() -> dict[str, Any]:
         common.reset_peak(device)
         seconds = common.median_seconds(step, warmup=args.train_warmup, repeats=args.train_repeats, device=device)
         result["train"] = {
-            "img_per_s": batch / seconds, "step_ms": 1e3 * seconds, "batch_size": batch, "precision": "bf16",
-            "peak_memory_mib": common.peak_memory_mib(device), "attention": attention,
+            "img_per_s": batch / seconds, "step_ms": 1e3 * seconds, "batch_size": batch,
+            "precision": "bf16" if train_dtype else "fp32", "peak_memory_mib": common.peak_memory_mib(device),
+            "attention": attention,
             "grad_clip": args.max_grad_norm, "ema": args.ema, "warmup": args.train_warmup,
             "repeats": args.train_repeats, "tf32": True,
             "timed": "train.py loop body: rearrange, DDPMScheduler.add_noise, ACDiT.forward (bf16 autocast), "

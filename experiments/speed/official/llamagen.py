@@ -11,6 +11,7 @@ Timed, on GPT-B (111M) or GPT-L (343M), class-conditional, 16×16 = 256 tokens o
 - sample: `autoregressive.models.generate.generate` as sample_c2i.py calls it (weights cast to bf16, cfg 2.0,
   256 steps, top-k 2000, top-p 1.0, temperature 1.0), decode excluded; eager by default, `--compile` compiles the
   model as sample_c2i.py's `--compile` does (mode reduce-overhead, fullgraph).
+On a CPU both run in fp32 (no autocast, fp32 weights): bf16 is the GPU setting and crawls on CPUs without AMX.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def main() -> dict:
         codes = torch.randint(0, vocab, (batch, grid * grid), device=device)
         labels = torch.randint(0, 1000, (batch,), device=device)
 
+        train_dtype = torch.bfloat16 if device.type == "cuda" else None
+
         def step() -> None:  # train_c2i.py's loop body (bf16: no grad scaler)
-            with common.autocast(device, torch.bfloat16):
+            with common.autocast(device, train_dtype):
                 _, loss = trained(cond_idx=labels, idx=codes[:, :-1], targets=codes)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -85,11 +88,13 @@ def main() -> dict:
         common.reset_peak(device)
         seconds = common.median_seconds(step, warmup=args.train_warmup, repeats=args.train_repeats, device=device)
         result["train"] = {"img_per_s": batch / seconds, "step_ms": 1e3 * seconds, "batch_size": batch,
-                           "precision": "bf16", "peak_memory_mib": common.peak_memory_mib(device)}
+                           "precision": "bf16" if train_dtype else "fp32",
+                           "peak_memory_mib": common.peak_memory_mib(device)}
         del optimizer, trained
 
     if not args.skip_sample:
-        model = model.to(dtype=torch.bfloat16).eval()  # sample_c2i.py: .to(device, dtype=precision)
+        sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = model.to(dtype=sample_dtype).eval()  # sample_c2i.py: .to(device, dtype=precision)
         sampler_model = model
         if args.compile:  # sample_c2i.py --compile
             sampler_model = torch.compile(model, mode="reduce-overhead", fullgraph=True)
@@ -106,7 +111,8 @@ def main() -> dict:
         seconds = common.median_seconds(sample, warmup=args.sample_warmup, repeats=args.sample_repeats,
                                         device=device)
         result["sample"] = {"img_per_s": batch / seconds, "s_per_batch": seconds, "batch_size": batch,
-                            "precision": "bf16 weights", "cfg": args.cfg, "top_k": top_k, "steps": grid * grid,
+                            "precision": "bf16 weights" if sample_dtype is torch.bfloat16 else "fp32",
+                            "cfg": args.cfg, "top_k": top_k, "steps": grid * grid,
                             "decode": "excluded", "peak_memory_mib": common.peak_memory_mib(device)}
     return common.report(args, result)
 

@@ -94,10 +94,11 @@ def scale_positions(scales: Sequence[int], side: int) -> torch.Tensor:
 class ARBlock(nn.Module):
     """FlowAR's backbone block: global adaLN (6·d from the class embedding) around attention and SwiGLU."""
 
-    def __init__(self, dim: int, heads: int, *, ffn_hidden: int | None, dropout: float, norm_eps: float) -> None:
+    def __init__(self, dim: int, heads: int, *, ffn_hidden: int | None, dropout: float, attn_dropout: float,
+                 norm_eps: float) -> None:
         super().__init__()
         self.norm_eps = norm_eps
-        self.attention = Attention(dim, heads, resid_dropout=dropout)
+        self.attention = Attention(dim, heads, resid_dropout=dropout, attn_dropout=attn_dropout)
         self.feed_forward = FeedForward(dim, ffn_hidden or swiglu_hidden(dim), dropout=dropout)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -195,7 +196,7 @@ class FlowHead(nn.Module):
 class FlowARGenerator(Generator):
     def __init__(self, *, spec: TokenSpec, num_classes: int, scales: Sequence[int] | None = None, dim: int = 256,
                  depth: int = 4, heads: int = 4, ffn_hidden: int | None = None, dropout: float = 0.0,
-                 class_dropout: float = 0.1, positions: str = "both", rope_base: float = 10000.0,
+                 attn_dropout: float = 0.0, class_dropout: float = 0.1, positions: str = "both", rope_base: float = 10000.0,
                  norm_eps: float = 1e-6, head: str = "spatial", head_width: int = 256, head_depth: int = 2,
                  head_heads: int = 4, head_batch_mul: int = 1, discrete_time: bool = True,
                  attention: str = "auto") -> None:
@@ -228,8 +229,9 @@ class FlowARGenerator(Generator):
         learned = positions in ("both", "learned")
         self.pos_embed = nn.Parameter(torch.zeros(self.seq_len, dim)) if learned else None
         self.head_pos_embed = nn.Parameter(torch.zeros(self.seq_len, dim)) if learned else None
-        self.layers = nn.ModuleList(ARBlock(dim, heads, ffn_hidden=ffn_hidden, dropout=dropout, norm_eps=norm_eps)
-                                    for _ in range(depth))
+        self.attn_dropout = attn_dropout
+        self.layers = nn.ModuleList(ARBlock(dim, heads, ffn_hidden=ffn_hidden, dropout=dropout,
+                                            attn_dropout=attn_dropout, norm_eps=norm_eps) for _ in range(depth))
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.head = FlowHead(kind=head, channels=spec.dim, cond_dim=dim, width=head_width, depth=head_depth,
                              heads=head_heads)
@@ -281,7 +283,8 @@ class FlowARGenerator(Generator):
     # --- the networks ---------------------------------------------------------------------------------------------
 
     def _masks(self, device: torch.device) -> tuple:
-        """(backbone mask, head mask) for a full-sequence pass: dense booleans, or FlexAttention block masks."""
+        """(backbone mask, head mask) for a full-sequence pass: dense booleans, or FlexAttention block masks. With
+        attention dropout the backbone trains on the dense mask (SDPA), as FlowAR does: FlexAttention has none."""
         if not use_flex(self.attention_mode, device):
             return self.ar_mask, self.head_mask
         key = str(device)
@@ -290,7 +293,10 @@ class FlowARGenerator(Generator):
             self._flex_masks[key] = (
                 flex_block_mask(block_causal_mask_mod(seg), self.seq_len, self.seq_len, device=device),
                 flex_block_mask(lambda b, h, q, k: seg[q] == seg[k], self.seq_len, self.seq_len, device=device))
-        return self._flex_masks[key]
+        backbone_mask, head_mask = self._flex_masks[key]
+        if self.training and self.attn_dropout:
+            backbone_mask = self.ar_mask
+        return backbone_mask, head_mask
 
     def backbone(self, x: torch.Tensor, class_emb: torch.Tensor, *, start: int = 0,
                  caches: list[KVCache] | None = None, attn_mask=None) -> torch.Tensor:

@@ -122,9 +122,12 @@ class StaticKVCache:
 
 
 class Attention(nn.Module):
-    """Fused-QKV attention (LlamaGen/Llama layout: `wqkv`, `wo`, no biases); `kv_heads < heads` is GQA."""
+    """Fused-QKV attention (LlamaGen/Llama layout: `wqkv`, `wo`, no biases); `kv_heads < heads` is GQA.
+    `attn_dropout` drops attention probabilities in training (FlowAR/MAR's `attn_drop`); FlexAttention has no such
+    dropout, so a training pass with it needs a dense mask."""
 
-    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, resid_dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, resid_dropout: float = 0.0,
+                 attn_dropout: float = 0.0) -> None:
         super().__init__()
         kv_heads = kv_heads or heads
         if dim % heads or heads % kv_heads:
@@ -133,6 +136,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
         self.resid_dropout = nn.Dropout(resid_dropout)
+        self.attn_dropout = attn_dropout
 
     def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None,
                 cache: KVCache | StaticSlot | None = None,
@@ -157,9 +161,13 @@ class Attention(nn.Module):
             if is_causal and past:  # SDPA's is_causal aligns top-left, wrong once keys precede the chunk
                 is_causal = False
                 attn_mask = causal_mask(q.shape[2], k.shape[2], device=x.device) if q.shape[2] > 1 else None
+        dropout_p = self.attn_dropout if self.training else 0.0
         if is_block_mask(attn_mask):
+            if dropout_p:
+                raise ValueError("FlexAttention has no attention dropout: train with a dense mask (attention=sdpa) "
+                                 "or attn_dropout=0")
             out = flex(q, k, v, attn_mask, enable_gqa=self.kv_heads != self.heads)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                                 enable_gqa=self.kv_heads != self.heads)
+                                                 dropout_p=dropout_p, enable_gqa=self.kv_heads != self.heads)
         return self.resid_dropout(self.wo(rearrange(out, "b h l d -> b l (h d)")))
