@@ -184,7 +184,8 @@ def main() -> dict[str, Any]:
             ema = copy.deepcopy(model).to(torch.float32)
             ema.requires_grad_(False)
         model.train()
-        train_dtype = torch.bfloat16 if device.type == "cuda" or args.tiny else None  # fp32 on a CPU: no AMX here
+        # --tiny keeps bf16 on a CPU too: it checks the GPU's code path, at full size a CPU times fp32
+        train_dtype = torch.bfloat16 if args.tiny else common.gpu_dtype(device, torch.bfloat16)
         batch = args.train_batch
         # Scaled SD-VAE latents as a latent cache serves them, (N, C, H, W); labels over the 1000 classes.
         latents = torch.randn(batch, channels, side, side, device=device)
@@ -233,7 +234,8 @@ def main() -> dict[str, Any]:
             "attention": attention,
             "grad_clip": args.max_grad_norm, "ema": args.ema, "warmup": args.train_warmup,
             "repeats": args.train_repeats, "tf32": True,
-            "timed": "train.py loop body: rearrange, DDPMScheduler.add_noise, ACDiT.forward (bf16 autocast), "
+            "timed": "train.py loop body: rearrange, DDPMScheduler.add_noise, "
+                     f"ACDiT.forward ({'bf16 autocast' if train_dtype else 'fp32'}), "
                      "mse_loss, backward, clip_grad_norm_, AdamW.step" + (", update_ema" if args.ema else ""),
         }
         optimizer.zero_grad(set_to_none=True)

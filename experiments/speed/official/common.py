@@ -82,6 +82,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def gpu_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The official reduced precision on CUDA; None (fp32, no autocast) on a CPU, where bf16 and fp16 crawl without
+    AMX and the GPU setting is not what a CPU runs."""
+    return dtype if device.type == "cuda" else None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -156,7 +156,7 @@ def bench_train(model: torch.nn.Module, off: types.SimpleNamespace, args: argpar
     if not args.skip_encode:
         vae = build_vae(off, args.tiny).to(device)
         images = torch.randn(batch, 3, 256, 256, device=device)
-        encode_dtype = torch.float16 if device.type == "cuda" else None  # bf16 convs crawl on CPUs without AMX
+        encode_dtype = common.gpu_dtype(device, torch.float16)
 
         def encoded_latents() -> torch.Tensor:
             with common.autocast(device, encode_dtype):  # engine: torch.no_grad(), torch.cuda.amp.autocast()
@@ -183,8 +183,7 @@ def bench_sample(model: torch.nn.Module, args: argparse.Namespace, device: torch
     batch = args.sample_batch
     model.eval()
     labels = torch.randint(0, 1000, (batch,), device=device)
-    # CPU: no autocast (fp32), bf16 autocast is slower there and fp16 is not what a CPU runs
-    dtype = torch.float16 if device.type == "cuda" else None
+    dtype = common.gpu_dtype(device, torch.float16)
 
     def sample() -> torch.Tensor:
         with torch.no_grad(), common.autocast(device, dtype):  # engine.evaluate: torch.cuda.amp.autocast()

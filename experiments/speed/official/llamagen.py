@@ -75,7 +75,7 @@ def main() -> dict:
         codes = torch.randint(0, vocab, (batch, grid * grid), device=device)
         labels = torch.randint(0, 1000, (batch,), device=device)
 
-        train_dtype = torch.bfloat16 if device.type == "cuda" else None
+        train_dtype = common.gpu_dtype(device, torch.bfloat16)
 
         def step() -> None:  # train_c2i.py's loop body (bf16: no grad scaler)
             with common.autocast(device, train_dtype):
@@ -93,7 +93,7 @@ def main() -> dict:
         del optimizer, trained
 
     if not args.skip_sample:
-        sample_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        sample_dtype = common.gpu_dtype(device, torch.bfloat16) or torch.float32
         model = model.to(dtype=sample_dtype).eval()  # sample_c2i.py: .to(device, dtype=precision)
         sampler_model = model
         if args.compile:  # sample_c2i.py --compile
