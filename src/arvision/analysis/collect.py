@@ -2,13 +2,14 @@
 
 Column families (all flat, dotted names):
 
-- identity: `run`, `tokenizer`, `generator`, `data`, `seed`, `tags` (comma-joined), `choice.<group>`;
+- identity: `run`, `tokenizer`, `generator`, `data`, `seed`, `tags` (comma-joined), `choice.<group>`, `git_sha`
+  and `command` (the `arvision-train` call that reruns it, from the overrides the run recorded);
 - `spec.<field>` of the tokenizer's TokenSpec (`spec.grid` as "8x8", `spec.scales` as "1,2,4,8");
 - `tok.<metric>` and `gen.<metric>` from the training run's own evaluation (`metrics.tokenizer|generator`): the
   value, plus `.extractor` and `.num_samples` where the metric records them; a nested `sampling_cost` dict is
   flattened to `gen.passes`, `gen.backbone_passes`, `gen.head_passes`, …;
 - `eval.<metric>` from the latest `arvision-eval` entry in `evaluations` (with `eval.date`, `eval.device` (cpu/cuda),
-  `eval.device_name`, `eval.num_samples`, `eval.extractor`, `eval.git_sha`), and `num_evaluations`;
+  `eval.device_name`, `eval.num_samples`, `eval.extractor`, `eval.git_sha`, `eval.command`), and `num_evaluations`;
 - `cost.<name>` from `costs`, `cfg.<key>` for a few config values the analyses need (depth, width, steps, batch);
 - derived: `type` (the paradigm's family, see `PARADIGM_TYPES`), `model` (e.g. "raster-d4 / vq"),
   `steps` (generation steps: backbone passes when split, else network evaluations), `s_per_image`
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import yaml
 
 # Paradigm family of each generator, as the VAR paper's Table 1 names them (documented in notebooks/README.md).
 PARADIGM_TYPES = {
@@ -101,12 +104,23 @@ def tokens_per_image(spec: dict[str, Any]) -> int | None:
     return int(h * w * depth)
 
 
+def rerun_command(program: str, overrides: list[str] | None, run_dir: Path | None = None) -> str | None:
+    """The command line that reruns a job: `program` and the overrides it recorded (results.json `overrides`, or
+    Hydra's `<run>/.hydra/overrides.yaml` for older runs); None when neither was recorded."""
+    if overrides is None and run_dir is not None and (run_dir / ".hydra" / "overrides.yaml").is_file():
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    if overrides is None:
+        return None
+    return " ".join([program, *(shlex.quote(str(item)) for item in overrides)])
+
+
 def _evaluation_row(entry: dict[str, Any]) -> dict[str, object]:
     metrics = entry.get("metrics", {})
     row = _flatten_metrics("eval", metrics)
     settings = entry.get("settings", {})
     device = entry.get("device") if isinstance(entry.get("device"), dict) else {"type": entry.get("device")}
     row.update({"eval.date": entry.get("date"), "eval.git_sha": entry.get("git_sha"),
+                "eval.command": rerun_command("arvision-eval", entry.get("overrides")),
                 "eval.device": device.get("type"), "eval.device_name": device.get("name"),
                 "eval.num_samples": settings.get("num_samples", _dig(settings, ("metrics", "num_samples"))),
                 "eval.extractor": (entry.get("feature_extractor") or {}).get("extractor"),
@@ -125,7 +139,8 @@ def _run_row(path: Path, results: dict[str, Any]) -> dict[str, object]:
     row: dict[str, object] = {"run": str(path.parent), "tokenizer": results.get("tokenizer"),
                               "generator": results.get("generator"), "data": results.get("data"),
                               "seed": results.get("seed"), "tags": ",".join(results.get("tags") or []),
-                              "git_sha": results.get("git_sha"), "finished": results.get("finished")}
+                              "git_sha": results.get("git_sha"), "finished": results.get("finished"),
+                              "command": rerun_command("arvision-train", results.get("overrides"), path.parent)}
     row.update({f"choice.{k}": v for k, v in results.get("choices", {}).items()})
     row.update(_flatten_spec(results.get("spec") or {}))
     row.update(_flatten_metrics("tok", results.get("metrics", {}).get("tokenizer", {})))
@@ -211,4 +226,4 @@ def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "lates
     return _derive(pd.DataFrame(rows))
 
 
-__all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "runs_dir", "tokens_per_image"]
+__all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "rerun_command", "runs_dir", "tokens_per_image"]

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from arvision import pipeline
-from arvision.cli.common import config_dir, fail, print_table, value
+from arvision.cli.common import config_dir, fail, print_table, task_overrides, value
 from arvision.cli.sample import load_run, sampling_overrides
 from arvision.data import DatasetNotFound
 from arvision.evaluation import balanced_labels, get_extractor, reference_metrics, sample_images, test_loss
@@ -273,7 +273,8 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
                     spatial.close()
 
     entry = {
-        "date": now(), "git_sha": git_sha(), "versions": versions(), "source": "npz" if cfg.npz else "run",
+        "date": now(), "git_sha": git_sha(), "overrides": task_overrides(), "versions": versions(),
+        "source": "npz" if cfg.npz else "run",
         "npz": str(cfg.npz) if cfg.npz else None, "ema": cfg.ema if generator is not None else None,
         "device": device_info(device), "feature_extractor": info, "metrics": metrics,
         "settings": {"select": chosen, "num_samples": m.num_samples, "num_reference": m.num_reference,

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from arvision import pipeline
-from arvision.cli.common import config_dir, fail, print_table, value
+from arvision.cli.common import config_dir, fail, print_table, task_overrides, value
 from arvision.data import DatasetNotFound
 from arvision.evaluation import evaluate_generator, evaluate_tokenizer, get_extractor, reference_metrics
 from arvision.generators.base import IncompatibleTokenizer
@@ -70,7 +70,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                      else (None, {}))
 
     results: dict = {
-        "run_dir": str(run_dir), "started": now(), "choices": group_choices(),
+        "run_dir": str(run_dir), "started": now(), "choices": group_choices(), "overrides": task_overrides(),
         "tokenizer": cfg.tokenizer.name, "generator": cfg.generator.name if cfg.train_generator else None,
         "data": cfg.data.name, "seed": cfg.seed, "tags": list(cfg.tags),
         "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(), "git_sha": git_sha(),
