@@ -12,10 +12,12 @@ from omegaconf import OmegaConf
 from arvision.utils.artifacts import ArtifactCache, config_hash
 
 
-@given(st.dictionaries(st.text(min_size=1, max_size=5), st.integers(), max_size=6))
+@given(st.dictionaries(st.text(min_size=1, max_size=5), st.integers(), min_size=1, max_size=6))
 def test_hash_ignores_key_order_but_not_values(d):
     reordered = dict(reversed(list(d.items())))
     assert config_hash(d) == config_hash(reordered) == config_hash(OmegaConf.create(d))
+    key = next(iter(d))
+    assert config_hash({**d, key: d[key] + 1}) != config_hash(d)
     assert config_hash({**d, "__extra": 1}) != config_hash(d)
 
 

@@ -61,13 +61,23 @@ def write_fake_fashion(folder: Path, *, n_train: int = 7, n_test: int = 5, gz: b
 
 
 @pytest.fixture(scope="module")
-def fashion_raw() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {split: load_fashion_mnist(root=None, split=split) for split in ("train", "test")}
+def fashion_root(tmp_path_factory: pytest.TempPathFactory) -> str | None:
+    """The installed dataset, or else files of the same format (padding and loaders do not need the real pixels)."""
+    if SYSTEM_FASHION.is_dir():
+        return None
+    folder = tmp_path_factory.mktemp("fashion")
+    write_fake_fashion(folder, n_train=130, n_test=40)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
-def fashion() -> ImageDataModule:
-    dm = ImageDataModule(name="fashion_mnist", batch_size=16, eval_batch_size=32)
+def fashion_raw(fashion_root: str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {split: load_fashion_mnist(root=fashion_root, split=split) for split in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_root: str | None) -> ImageDataModule:
+    dm = ImageDataModule(name="fashion_mnist", root=fashion_root, batch_size=16, eval_batch_size=32)
     dm.setup()
     return dm
 
@@ -82,7 +92,6 @@ def test_fashion_mnist_splits_as_published(fashion_raw: dict[str, tuple[torch.Te
         assert torch.bincount(labels).tolist() == [n // 10] * 10  # Fashion-MNIST is exactly balanced
 
 
-@needs_fashion
 def test_fashion_mnist_padded_to_32_with_background(
     fashion: ImageDataModule, fashion_raw: dict[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
@@ -101,7 +110,6 @@ def test_fashion_mnist_padded_to_32_with_background(
     assert fashion.train_set.images_uint8[:, :, border].eq(0).all()
 
 
-@needs_fashion
 def test_fashion_mnist_loaders_and_reference(fashion: ImageDataModule) -> None:
     x, y = next(iter(fashion.train_dataloader()))
     assert x.shape == (16, 1, 32, 32) and x.dtype == torch.float32
@@ -182,7 +190,7 @@ def test_shapes_deterministic_per_seed_and_index() -> None:
     b = ShapesDataset(num_samples=10, seed=3)  # size does not change the samples
     c = ShapesDataset(num_samples=50, seed=4)
     assert torch.equal(a[7][0], b[7][0]) and a[7][1] == b[7][1]
-    assert torch.equal(a[7][0], a[7][0])
+    assert torch.equal(a[7][0], a[7][0])  # rendered twice: nothing carried over between calls
     assert not torch.equal(a[7][0], c[7][0])
     assert not torch.equal(a[7][0], a[11][0])  # same class (7 % 4 == 11 % 4), different sample
     # A DataLoader batch (rendered by __getitems__) equals the samples rendered one at a time.

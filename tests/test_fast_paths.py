@@ -1,4 +1,4 @@
-"""Fast paths (issue 7): each switch computes the same function as the plain path, and sampling loops never read a
+"""Fast paths: each switch computes the same function as the plain path, and sampling loops never read a
 tensor on the host.
 
 - static KV cache + position mask (`nn.attention.StaticKVCache`) = the growing `KVCache`, for any chunking, GQA;

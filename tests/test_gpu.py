@@ -1,4 +1,4 @@
-"""The fast paths on a CUDA device (issue 7): what the CPU suite cannot check. Run with `pytest -m gpu`; every test
+"""The fast paths on a CUDA device: what the CPU suite cannot check. Run with `pytest -m gpu`; every test
 here skips itself without CUDA, and the default run deselects them (`-m 'not slow and not gpu'`).
 
 - FlexAttention block masks (the `auto` default on CUDA) compute the dense-mask model: loss and gradients, fp32

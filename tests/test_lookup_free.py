@@ -46,8 +46,15 @@ def test_fsq_indices_enumerate_the_level_grid_exactly_once():
 
 
 def test_lfq_entropy_term_is_part_of_the_loss_and_gradients_reach_the_encoder():
-    tok = make("lfq", codebook_size=16, entropy_weight=0.1)
-    out = tok(torch.rand(4, 1, 16, 16) * 2 - 1)
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    aux = {}
+    for weight in (0.0, 0.1, 0.2):  # no commitment term: the auxiliary loss is the weighted entropy term alone
+        torch.manual_seed(0)
+        tok = make("lfq", codebook_size=16, entropy_weight=weight, commitment_weight=0.0)
+        out = tok(images)
+        aux[weight] = out["aux_loss"].item()
+    assert aux[0.0] == 0.0 and aux[0.1] != 0.0
+    assert math.isclose(aux[0.2], 2 * aux[0.1], rel_tol=1e-5)  # linear in entropy_weight
     assert math.isclose(out["loss"].item(), (out["recon_loss"] + out["aux_loss"]).item(), rel_tol=1e-6)
     out["loss"].backward()
     assert tok.encoder.conv_in.weight.grad.abs().sum() > 0

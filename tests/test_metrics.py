@@ -25,9 +25,9 @@ from arvision.metrics import (
     count_parameters,
     find_inception_weights,
     frechet_distance,
-    measure_throughput,
     psnr,
     ssim,
+    timed,
     train_classifier,
     usage_and_perplexity,
 )
@@ -371,20 +371,19 @@ def test_codebook_perplexity_of_a_skewed_histogram_and_reset() -> None:
 # --- cost ----------------------------------------------------------------------------------------------------
 
 
-def test_measure_throughput_times_only_the_repeats_after_warm_up() -> None:
+def test_timed_excludes_the_warm_up_and_times_each_repeat() -> None:
     calls = []
 
     def generate() -> None:
-        calls.append(None)
+        calls.append("fn")
         time.sleep(0.3 if len(calls) <= 2 else 0.01)  # slow warm-up, as with compilation
 
-    result = measure_throughput(generate, num_images=50, warmup=2, repeats=3)
-    assert len(calls) == 5
-    assert result["seconds"] < 0.15
-    assert result["img_per_s"] == pytest.approx(50 / result["seconds"])
-    assert result["img_per_s"] > 0
-    if not torch.cuda.is_available():
-        assert result["device"] == "cpu" and result["peak_memory_mb"] is None
+    seconds = timed(generate, warmup=2, repeats=3, device=torch.device("cpu"))
+    assert len(calls) == 5 and len(seconds) == 3
+    assert all(0.01 <= s < 0.15 for s in seconds)  # a timed call sleeps 0.01 s; a warm-up call would add 0.3 s
+    calls.clear()
+    seconds = timed(generate, warmup=1, repeats=2, device=torch.device("cpu"), warmup_fn=lambda: calls.append("w"))
+    assert calls == ["w", "fn", "fn"] and len(seconds) == 2  # the warm-up is the cheaper call when one is given
 
 
 def test_count_parameters() -> None:

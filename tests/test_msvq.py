@@ -217,7 +217,7 @@ def test_teacher_forcing_inputs_are_the_accumulators_successive_inputs(scales, b
             steps.append(nxt)
         else:
             assert nxt is None
-    assert torch.allclose(tf, torch.cat(steps, 1) if steps else tf, atol=1e-6)
+    assert torch.allclose(tf, torch.cat(steps, 1) if steps else torch.zeros(b, 0, 3), atol=1e-6)
     assert torch.allclose(f_hat, q.indices_to_fhat(tokens), atol=1e-6)
     # 2. segment k is the running f̂ after scales < k, area-downsampled to n_k and flattened row-major
     start = 0
@@ -367,16 +367,45 @@ def test_patient_balanced_restarts_keep_codes_only_the_coarsest_scale_chooses():
     """With per-batch restarts a code that only the 1×1 scale picks dies whenever a batch misses it; with patience
     it survives, and the counters are part of the state (a resumed run keeps them)."""
     torch.manual_seed(0)
-    q = MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True, restart_patience=4,
-                            restart_balanced=True).train()
+
+    def patient() -> MultiScaleQuantizer:
+        return MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True, restart_patience=4,
+                                   restart_balanced=True).train()
+
+    q = patient()
     assert "idle_steps" in q.state_dict()
     with torch.no_grad():
         q.embedding.weight[:] = torch.randn(16, 2)
     before = q.embedding.weight.clone()
-    q(torch.randn(2, 2, 2, 2))  # one batch: 2 + 8 choices leave most of the 16 codes idle, but none for 4 batches
+    start = {k: v.clone() for k, v in q.state_dict().items() if k != "idle_steps"}
+    x = torch.randn(2, 2, 2, 2)
+    _, indices, _ = q(x)  # one batch: 2 + 8 choices leave most of the 16 codes idle, but none for 4 batches
     torch.testing.assert_close(q.embedding.weight, before)
     assert int(q.idle_steps.max()) == 1
-    plain = MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True)
+    chosen = torch.zeros(16, dtype=torch.bool)
+    chosen[torch.cat([i.flatten() for i in indices])] = True
+    assert not chosen.all()
+
+    # per-batch restarts (patience 1) re-seed the idle codes after this very batch
+    plain = MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True,
+                                restart_balanced=True).train()
     assert "idle_steps" not in plain.state_dict()
+    plain.load_state_dict(start)
+    plain(x)
+    assert torch.equal((plain.embedding.weight != before).any(1), ~chosen)
+
+    # a resumed quantizer carries the counters on: both re-seed the same codes in the fourth idle batch
+    resumed = patient()
+    resumed.load_state_dict(q.state_dict())
+    assert torch.equal(resumed.idle_steps, q.idle_steps)
+    for _ in range(2):
+        q(x), resumed(x)
+    torch.testing.assert_close(q.embedding.weight, before)
+    for model in (q, resumed):
+        torch.manual_seed(1)
+        model(x)
+    changed = (q.embedding.weight != before).any(1)
+    assert torch.equal(changed, ~chosen)
+    assert torch.equal(resumed.embedding.weight, q.embedding.weight)
     with pytest.raises(ValueError, match="restart_patience"):
         MultiScaleQuantizer(vocab_size=16, dim=2, scales=(1, 2), restart_unused=True, restart_patience=0)

@@ -21,7 +21,8 @@ def test_hinge_losses():
 
 def test_patch_discriminator_gives_a_map_of_patch_logits():
     logits = PatchDiscriminator(in_channels=1, width=8, num_layers=2)(torch.randn(2, 1, 32, 32))
-    assert logits.dim() == 4 and logits.shape[:2] == (2, 1) and logits.shape[-1] > 1
+    # 32 → 16 → 8 (stride-2 convs) → 7 → 6 (the last two 4×4 convs, stride 1, padding 1): one logit per patch
+    assert logits.shape == (2, 1, 6, 6)
 
 
 def test_perceptual_loss_is_off_without_local_weights(tmp_path, monkeypatch, caplog):

@@ -63,10 +63,16 @@ def test_ema_matches_the_closed_form():
 def test_ema_warmup_tracks_early_weights_closely():
     model = nn.Linear(2, 2)
     ema = EMA(model, decay=0.9999)
+    start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update(model)  # first decay = 2/11: the average moves most of the way
-    assert ema.module.weight.mean().item() > 0.7
+    ema.update(model)  # first decay = (1 + 1) / (10 + 1): the average moves most of the way
+    expected = 2 / 11 * start + 9 / 11
+    torch.testing.assert_close(ema.module.weight, expected)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update(model)  # then 3 / 12, rising towards the configured decay
+    torch.testing.assert_close(ema.module.weight, 3 / 12 * expected + 9 / 12 * 2.0)
 
 
 def test_weight_decay_only_on_matrices():
@@ -89,16 +95,22 @@ def test_warmup_cosine_schedule_shape():
     assert math.isclose(lrs[110], 0.1, rel_tol=1e-6) and math.isclose(lrs[-1], 0.1, rel_tol=1e-6)
 
 
-def test_param_groups_skip_decay_for_what_a_module_lists_in_no_weight_decay():
-    class WithPositions(nn.Module):
-        def __init__(self):
+def test_adamw_skips_decay_for_what_a_generator_lists_in_no_weight_decay():
+    from arvision.generators.base import Generator
+    from arvision.tasks.optim import adamw
+
+    class WithPositions(Generator):
+        def __init__(self, keep_out: set[str]):
             super().__init__()
+            self.keep_out = keep_out
             self.pos = nn.Parameter(torch.zeros(1, 4, 8))
             self.proj = nn.Linear(8, 8)
 
         def no_weight_decay(self):
-            return {"pos"}
+            return self.keep_out
 
-    decay, no_decay = param_groups(WithPositions(), 0.1)
-    assert [p.shape for p in decay["params"]] == [(8, 8)]
-    assert sorted(p.dim() for p in no_decay["params"]) == [1, 3]
+    decay, no_decay = adamw(WithPositions({"pos"}), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1).param_groups
+    assert [p.shape for p in decay["params"]] == [(8, 8)] and decay["weight_decay"] == 0.1
+    assert sorted(p.dim() for p in no_decay["params"]) == [1, 3] and no_decay["weight_decay"] == 0.0
+    decay, _ = param_groups(WithPositions(set()), 0.1)  # nothing listed: the 3-D positions decay
+    assert sorted(p.dim() for p in decay["params"]) == [2, 3]
