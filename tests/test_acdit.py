@@ -289,12 +289,12 @@ def test_sampling_cost_counts_the_backbone_passes(block_size: int, cfg: float, s
         model.sample(torch.tensor([2, 4]), cfg=cfg, steps=steps, generator=torch.Generator().manual_seed(0))
     finally:
         handle.remove()
-    cost = model.sampling_cost(cfg)
+    cost = model.sampling_cost(cfg=cfg, steps=steps)
     n = model.num_blocks
-    assert cost == {"passes": n * steps + n - 1, "backbone_passes": n * steps + n - 1, "head_passes": 0,
-                    "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
-    assert len(seen) == cost["backbone_passes"] == model.network_evaluations(cfg)
-    assert set(seen) == {(2 * cost["rows_per_pass_factor"], block_size)}
+    assert cost.to_dict() == {"passes": n * steps + n - 1, "backbone_passes": n * steps + n - 1, "head_passes": 0,
+                              "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
+    assert len(seen) == cost.backbone_passes == cost.passes
+    assert set(seen) == {(2 * cost.rows_per_pass_factor, block_size)}
 
 
 def test_rejects_unknown_sampler() -> None:
@@ -303,7 +303,7 @@ def test_rejects_unknown_sampler() -> None:
 
 
 def test_tiny_run_end_to_end(tiny_cfg, tmp_path) -> None:
-    from arvision.cli.train import train
+    from arvision.pipeline import run as train
     cfg = tiny_cfg("tokenizer=vae", "generator=acdit", "generator.sample.steps=2")
     results = train(cfg, tmp_path / "run")
     gen = results["metrics"]["generator"]

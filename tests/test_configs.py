@@ -73,19 +73,44 @@ def test_data_configs_build_a_datamodule_with_its_declared_shape(data, tmp_path)
     assert -1.0 <= image.min() and image.max() <= 1.0 and 0 <= label < cfg.data.num_classes
 
 
-def test_every_tokenizer_generator_pair_is_built_or_rejected_before_training(tmp_path):
+# Which generator models which tokenizer's tokens (DESIGN.md's matrix); "--" = rejected with IncompatibleTokenizer
+# at construction, before any training. FlexVAR is next_scale with residual=false.
+PAIRS = {  # tokenizer: raster, next_scale (VAR), next_scale (FlexVAR), flowar, acdit
+    "fsq": ("ok", "--", "--", "--", "--"),
+    "lfq": ("ok", "--", "--", "--", "--"),
+    "msvq": ("--", "ok", "--", "--", "--"),
+    "rvq": ("ok", "--", "--", "--", "--"),
+    "vae": ("--", "--", "--", "ok", "ok"),
+    "vq": ("ok", "--", "ok", "--", "--"),
+}
+GENERATORS = [("raster",), ("next_scale",), ("next_scale", "generator.residual=false"), ("flowar",), ("acdit",)]
+
+
+def test_the_pair_matrix_lists_every_tokenizer_and_generator():
+    assert sorted(PAIRS) == OPTIONS["tokenizer"]
+    assert sorted({g[0] for g in GENERATORS}) == OPTIONS["generator"]
+
+
+@pytest.mark.parametrize("tokenizer", sorted(PAIRS))
+def test_every_tokenizer_generator_pair_is_built_or_rejected_before_training(tokenizer, tmp_path):
     from arvision.generators.base import IncompatibleTokenizer
-    for tok in OPTIONS["tokenizer"]:
-        for gen in OPTIONS["generator"]:
-            cfg = compose_train([f"tokenizer={tok}", f"generator={gen}", "debug=tiny", "data=shapes"], tmp_path)
-            dm = pipeline.build_datamodule(cfg)
-            tokenizer = pipeline.build_tokenizer(cfg, dm)
-            try:
-                generator = pipeline.build_generator(cfg, tokenizer, dm.num_classes)
-            except IncompatibleTokenizer as err:
-                assert f"got tokenizer={tok}" in str(err)
-            else:
-                assert generator.spec == tokenizer.spec
+    built = []
+    for generator, *extra in GENERATORS:
+        cfg = compose_train([f"tokenizer={tokenizer}", f"generator={generator}", *extra, "debug=tiny", "data=shapes"],
+                            tmp_path)
+        dm = pipeline.build_datamodule(cfg)
+        tok = pipeline.build_tokenizer(cfg, dm)
+        try:
+            model = pipeline.build_generator(cfg, tok, dm.num_classes)
+        except IncompatibleTokenizer as err:
+            message = str(err)
+            assert message.startswith(f"{generator} needs ") and message.endswith(f"got tokenizer={tokenizer}")
+            assert "\n" not in message and "tokenizer=" in message.split(";")[0]  # names a tokenizer that fits
+            built.append("--")
+        else:
+            assert model.spec == tok.spec and model.name == generator
+            built.append("ok")
+    assert tuple(built) == PAIRS[tokenizer]
 
 
 def test_instantiate_refuses_targets_outside_the_allow_list():

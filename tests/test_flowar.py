@@ -311,7 +311,7 @@ def test_cfg_ramp_over_scales() -> None:
 @pytest.mark.parametrize("sampler,grid,steps", [("euler", "flowar", 6), ("heun", "uniform", 3),
                                                 ("euler_maruyama", "uniform", 3)])
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
-def test_network_evaluations_count_what_sampling_runs(sampler: str, grid: str, steps: int, cfg: float) -> None:
+def test_sampling_cost_counts_what_sampling_runs(sampler: str, grid: str, steps: int, cfg: float) -> None:
     model = shared("mlp")
     backbone_rows, head_rows = [], []
     hooks = [model.layers[0].register_forward_hook(lambda m, i, o: backbone_rows.append(i[0].shape[:2])),
@@ -321,10 +321,10 @@ def test_network_evaluations_count_what_sampling_runs(sampler: str, grid: str, s
     for h in hooks:
         h.remove()
     kw = dict(sampler=sampler, time_grid=grid, steps=steps)
-    cost = model.sampling_cost(cfg, **kw)
-    assert cost["backbone_passes"] == len(backbone_rows) == 4 and cost["head_passes"] == len(head_rows)
-    assert model.network_evaluations(cfg, **kw) == len(backbone_rows) + len(head_rows)
-    rows = 2 * cost["rows_per_pass_factor"] // 1
+    cost = model.sampling_cost(cfg=cfg, **kw)
+    assert cost.backbone_passes == len(backbone_rows) == 4 and cost.head_passes == len(head_rows)
+    assert cost.passes == len(backbone_rows) + len(head_rows)
+    rows = 2 * cost.rows_per_pass_factor
     assert [r for r, _ in backbone_rows] == [rows] * 4 and [n for _, n in backbone_rows] == [1, 4, 16, 64]
     # the linear ramp leaves the first scale unguided (weight 1): B rows there, 2B after
     per_scale = len(head_rows) // 4
@@ -332,7 +332,7 @@ def test_network_evaluations_count_what_sampling_runs(sampler: str, grid: str, s
 
 
 def test_tiny_run_end_to_end(tiny_cfg, tmp_path) -> None:
-    from arvision.cli.train import train
+    from arvision.pipeline import run as train
     cfg = tiny_cfg("tokenizer=vae", "generator=flowar")
     results = train(cfg, tmp_path / "run")
     gen = results["metrics"]["generator"]
@@ -340,9 +340,11 @@ def test_tiny_run_end_to_end(tiny_cfg, tmp_path) -> None:
     assert gen["nfe_per_image"] == 4 + 4 * 4  # 4 backbone passes + 4 scales × 4 Euler steps (flowar grid, steps=4)
 
 
-def test_costs_default_to_the_latest_sampling_settings() -> None:
+def test_sampling_cost_is_a_function_of_the_settings_alone() -> None:
     model = make()
-    assert model.network_evaluations(2.0) == 4 + 4 * 24  # before any sample: 25 steps on the flowar grid = 24
+    assert model.sampling_cost(cfg=2.0).passes == 4 + 4 * 24  # sample's defaults: 25 steps on the flowar grid = 24
+    heun = model.sampling_cost(cfg=2.0, steps=3, time_grid="uniform", sampler="heun")
+    assert heun.passes == 4 + 4 * 5  # Heun on 3 intervals: 2·3 − 1
     model.sample(torch.tensor([0]), steps=3, time_grid="uniform", sampler="heun")
-    assert model.network_evaluations(2.0) == 4 + 4 * 5  # Heun on 3 intervals: 2·3 − 1
-    assert model.network_evaluations(2.0, steps=2, sampler="euler", temperature=1.0) == 4 + 4 * 2
+    assert model.sampling_cost(cfg=2.0).passes == 4 + 4 * 24  # an earlier sample call changes nothing
+    assert model.sampling_cost(cfg=2.0, steps=2, sampler="euler", temperature=1.0).passes == 4 + 4 * 2

@@ -206,8 +206,17 @@ def test_one_forward_pass_per_scale(residual: bool, cfg: float) -> None:
     factor = 1 if cfg == 1.0 else 2
     assert [o.shape[:2] for o in calls.outputs] == [(3 * factor, n * n) for n in model.scales]
     k = len(model.scales)
-    assert model.network_evaluations(cfg) == k
-    assert model.sampling_cost(cfg) == {"passes": k, "rows_per_pass_factor": factor}
+    assert model.sampling_cost(cfg=cfg).to_dict() == {"passes": k, "backbone_passes": k, "head_passes": 0,
+                                                      "rows_per_pass_factor": factor}
+
+
+@pytest.mark.parametrize("schedule", [None, (1, 4), (1, 2, 3, 4)])
+def test_flexvar_sampling_cost_counts_the_schedule_it_samples(schedule) -> None:
+    model = shared(False)
+    with HeadCalls(model) as calls:
+        model.sample(torch.arange(2), cfg=2.0, schedule=schedule, generator=torch.Generator().manual_seed(0))
+    cost = model.sampling_cost(cfg=2.0, schedule=schedule)
+    assert cost.passes == cost.backbone_passes == len(calls.outputs) == len(schedule or model.scales)
 
 
 def test_cfg_ramp_values() -> None:
@@ -434,7 +443,7 @@ def test_incompatible_tokenizers() -> None:
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize("overrides", [["tokenizer=msvq"], ["tokenizer=vq", "generator.residual=false"]])
 def test_tiny_run_end_to_end(tiny_cfg, tmp_path, overrides) -> None:
-    from arvision.cli.train import train
+    from arvision.pipeline import run as train
 
     cfg = tiny_cfg("generator=next_scale", *overrides)
     results = train(cfg, tmp_path / "run")

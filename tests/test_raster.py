@@ -193,9 +193,8 @@ def test_sampling_passes_and_rows(cfg: float) -> None:
         hook.remove()
     factor = 2 if cfg != 1.0 else 1
     assert rows == [3 * factor] * 16
-    assert model.network_evaluations(cfg) == 16
-    assert model.sampling_cost(cfg) == {"passes": 16, "backbone_passes": 16, "head_passes": 0,
-                                        "rows_per_pass_factor": factor}
+    assert model.sampling_cost(cfg=cfg, top_k=8).to_dict() == {"passes": 16, "backbone_passes": 16, "head_passes": 0,
+                                                               "rows_per_pass_factor": factor}
 
 
 def test_cfg_interval_and_greedy() -> None:
@@ -298,9 +297,8 @@ def test_depth_head_trains_and_counts_its_passes() -> None:
     assert model.depth_embeddings is None and model.depth_head.tok_embeddings.weight.grad is not None
     assert model.tok_embeddings.weight.grad.abs().sum() > 0  # the spatial input is the sum of a position's codes
     assert model.seq_len == 4 and model.rope.shape[0] == 4 + 1  # + the class slot
-    assert model.sampling_cost(2.0) == {"passes": 4 + 12, "backbone_passes": 4, "head_passes": 12,
-                                        "rows_per_pass_factor": 2}
-    assert model.network_evaluations(2.0) == 16
+    assert model.sampling_cost(cfg=2.0).to_dict() == {"passes": 4 + 12, "backbone_passes": 4, "head_passes": 12,
+                                                      "rows_per_pass_factor": 2}
     # on a grid tokenizer a depth head is moot: the model is the plain raster model
     assert make(VQ, depth_mode="head").depth_mode == "flatten"
 

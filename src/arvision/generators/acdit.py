@@ -32,12 +32,13 @@ DPMSolverMultistepScheduler from DDIMScheduler's config and so inherits "leading
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from arvision.generators.base import Generator, require
+from arvision.generators.base import Generator, SamplingCost, require
 from arvision.nn.attention import Attention, KVCache
 from arvision.nn.blocks import FeedForward, LabelEmbedding, TimestepEmbedder, swiglu_hidden
 from arvision.nn.masks import MaskMod, dense_from_mask_mod, flex_block_mask, use_flex
@@ -139,6 +140,8 @@ class FinalLayer(nn.Module):
 # --- the generator ----------------------------------------------------------------------------------------------
 
 class ACDiTGenerator(Generator):
+    name = "acdit"
+
     def __init__(self, *, spec: TokenSpec, num_classes: int, dim: int = 256, depth: int = 6, heads: int = 4,
                  kv_heads: int | None = None, ffn_hidden: int | None = None, patch_size: int = 1,
                  block_size: int = 16, class_dropout: float = 0.1, rope_base: float = 10000.0,
@@ -181,7 +184,6 @@ class ACDiTGenerator(Generator):
         self._block_masks: dict[str, object] = {}  # FlexAttention BlockMask per device, built on first use
 
         self._init_weights(label_init_std)
-        self._last_steps = 25  # steps of the latest `sample` call, for `sampling_cost`
 
     def _init_weights(self, label_init_std: float) -> None:
         """DiT's initialisation: xavier linears, N(0, 0.02) time-MLP weights, N(0, label_init_std²) label embeddings
@@ -313,7 +315,6 @@ class ACDiTGenerator(Generator):
         was_training = self.training
         self.eval()
         try:
-            self._last_steps = steps
             guided = cfg != 1.0
             device, b, k = labels.device, labels.shape[0], self.block_size
             rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
@@ -347,14 +348,8 @@ class ACDiTGenerator(Generator):
             out = self.diffusion.ddim(eps_fn, noise, steps, eta=eta, cfg=cfg, step_noise=step_noise)
         return out.sample
 
-    def sampling_cost(self, cfg: float, steps: int | None = None) -> dict[str, int]:
-        """Backbone passes per sampled batch: `steps` per block (one ε evaluation per DPM-Solver++/DDIM step) plus a
-        clean pass for every block but the last; each over K new tokens, 2B rows under CFG. No separate head.
-        `steps` defaults to that of the latest `sample` call (25 before any)."""
-        steps = self._last_steps if steps is None else steps
-        passes = self.num_blocks * steps + self.num_blocks - 1
-        return {"passes": passes, "backbone_passes": passes, "head_passes": 0,
-                "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
-
-    def network_evaluations(self, cfg: float, steps: int | None = None) -> int:
-        return self.sampling_cost(cfg, steps)["passes"]
+    def sampling_cost(self, *, cfg: float = 1.5, steps: int = 25, **_: Any) -> SamplingCost:
+        """`steps` backbone passes per block (one ε evaluation per DPM-Solver++/DDIM step) plus a clean pass for every
+        block but the last; each over K new tokens, 2B rows under CFG. No separate head."""
+        return SamplingCost(backbone_passes=self.num_blocks * steps + self.num_blocks - 1,
+                            rows_per_pass_factor=2 if cfg != 1.0 else 1)

@@ -1,8 +1,20 @@
-"""The Generator contract and the compatibility check that runs before any training."""
+"""The Generator contract and the compatibility check that runs before any training.
+
+Everything the pipeline, the evaluation and the CLIs may ask of a generator is declared here; nothing is
+discovered with `hasattr`. A generator module subclasses `Generator` and provides:
+
+- `name`: its config name (`conf/generator/<name>.yaml`), used in messages and in the list of editable generators;
+- `__init__(*, spec, num_classes, **model)`: checks the tokenizer with `require` (raises `IncompatibleTokenizer`);
+- `loss(tokens, labels) -> dict` with the scalar `loss` to minimise (other entries are logged);
+- `sample(labels, *, cfg, generator, **sampling) -> tokens` in the tokenizer's layout;
+- `sampling_cost(**sampling) -> SamplingCost`: a pure function of the same settings as `sample`;
+- optionally `supports_editing = True` with `edit(...)`, and `no_weight_decay()`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -12,6 +24,28 @@ from arvision.tokenizers.base import Tokenizer, TokenSpec
 
 class IncompatibleTokenizer(ValueError):
     """A generator was paired with a tokenizer whose tokens it cannot model."""
+
+
+@dataclass(frozen=True)
+class SamplingCost:
+    """Sequential network passes of one `sample` call, whatever the batch size.
+
+    `backbone_passes` run the main network; `head_passes` run a separate per-token head (FlowAR's flow head, the
+    RQ-Transformer's depth head). Under CFG every pass runs the conditional and the null-class rows together:
+    `rows_per_pass_factor` is 2 then, else 1.
+    """
+
+    backbone_passes: int
+    head_passes: int = 0
+    rows_per_pass_factor: int = 1
+
+    @property
+    def passes(self) -> int:
+        """Network evaluations per image (NFE): backbone and head passes together."""
+        return self.backbone_passes + self.head_passes
+
+    def to_dict(self) -> dict[str, int]:
+        return {"passes": self.passes, **asdict(self)}
 
 
 class _Frozen:
@@ -26,12 +60,15 @@ class _Frozen:
 
 
 class Generator(nn.Module):
-    """Base class of every stage-2 model.
+    """Base class of every stage-2 model (see the module docstring for what a subclass provides).
 
-    Built from the frozen tokenizer's `TokenSpec`; the pipeline then calls `attach_tokenizer`, which generators
-    that need the tokenizer's own operations (VAR's teacher-forcing inputs and accumulator) read through
-    `self.tokenizer`. Class-conditional with a null class (`num_classes`) for CFG.
+    Built from the frozen tokenizer's `TokenSpec`; the pipeline then calls `attach_tokenizer`, and generators that
+    need the tokenizer's own operations (VAR's teacher-forcing inputs, FlexVAR's codebook) read it through
+    `tokenizer_on(device)`. Class-conditional with a null class (`num_classes`) for CFG.
     """
+
+    name: ClassVar[str]
+    supports_editing: ClassVar[bool] = False  # zero-shot in-/out-painting through `edit`
 
     spec: TokenSpec
     num_classes: int
@@ -44,7 +81,7 @@ class Generator(nn.Module):
         self._frozen = _Frozen(tokenizer)
         return self
 
-    def tokenizer_on(self, device: torch.device) -> Tokenizer:
+    def tokenizer_on(self, device: torch.device | str) -> Tokenizer:
         """The attached tokenizer, moved to `device` on first use there (it is not a submodule, so `.to()` on the
         generator does not move it)."""
         if self._frozen is None:
@@ -61,9 +98,20 @@ class Generator(nn.Module):
                **sampling: Any) -> Any:
         raise NotImplementedError
 
-    def network_evaluations(self, cfg: float) -> int:
-        """Forward passes of the network per sampled batch; under CFG each pass runs 2B rows (see `sampling_cost`)."""
+    def sampling_cost(self, **sampling: Any) -> SamplingCost:
+        """The passes `sample(labels, **sampling)` runs: a pure function of the settings, with `sample`'s own
+        defaults for those not given; settings that do not change the cost (top_k, temperature…) are ignored."""
         raise NotImplementedError
+
+    def edit(self, labels: torch.Tensor, known_tokens: Any, known: torch.Tensor, *, cfg: float = 1.0,
+             generator: torch.Generator | None = None, **sampling: Any) -> Any:
+        """Tokens for `labels` that keep `known_tokens` where `known` is True and sample the rest (zero-shot
+        in-/out-painting); only generators that set `supports_editing` implement it."""
+        raise NotImplementedError(f"generator={self.name} has no zero-shot editing")
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the optimiser must not decay (timm's convention: positions, tables, scales)."""
+        return set()
 
 
 def require(spec: TokenSpec, *, generator: str, ok: bool, needs: str) -> None:

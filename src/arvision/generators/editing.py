@@ -29,6 +29,8 @@ mask `edit` consumes the random stream as `sample` does, so both give the same t
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 from typing import Any
 
@@ -40,7 +42,6 @@ from arvision.tokenizers.base import Tokenizer
 
 REGIONS = ("center", "left", "right", "top", "bottom")
 EDITS = ("inpaint", "outpaint")
-EDITABLE = ("raster", "next_scale")  # the generators with an `edit` method (the CLI's error names them)
 
 
 # --------------------------------------------------------------------------------------------- masks on the image
@@ -113,8 +114,18 @@ def masked_preview(images: torch.Tensor, known: torch.Tensor, fill: float = 0.0)
 
 
 # --------------------------------------------------------------------------------------------- images → edited images
-def supports_editing(generator: Generator) -> bool:
-    return callable(getattr(generator, "edit", None))
+def editable_generators() -> list[str]:
+    """Names of the generators that declare zero-shot editing (`Generator.supports_editing`), for messages: every
+    module of this package is imported, so the list does not depend on what happened to be loaded."""
+    import arvision.generators as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+    def subclasses(cls: type[Generator]) -> list[type[Generator]]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+    return sorted({cls.name for cls in subclasses(Generator) if cls.supports_editing})
 
 
 @torch.no_grad()
@@ -126,9 +137,9 @@ def edit_images(generator: Generator, tokenizer: Tokenizer, images: torch.Tensor
 
     Runs where the generator is, in chunks of `batch_size`, with one seeded random stream for all of them.
     """
-    if not supports_editing(generator):
-        raise ValueError(f"zero-shot editing needs one of the generators {', '.join(EDITABLE)}; "
-                         f"{type(generator).__name__} has no edit method")
+    if not generator.supports_editing:
+        raise ValueError(f"zero-shot editing needs one of the generators {', '.join(editable_generators())}; "
+                         f"generator={generator.name} has none")
     device = next(generator.parameters()).device
     tokenizer.to(device)
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -142,5 +153,5 @@ def edit_images(generator: Generator, tokenizer: Tokenizer, images: torch.Tensor
     return torch.cat(chunks), time.perf_counter() - start
 
 
-__all__ = ["EDITABLE", "EDITS", "REGIONS", "batch_mask", "edit_images", "known_on_grid", "known_pixels",
-           "masked_preview", "region", "supports_editing"]
+__all__ = ["EDITS", "REGIONS", "batch_mask", "edit_images", "editable_generators", "known_on_grid", "known_pixels",
+           "masked_preview", "region"]

@@ -45,13 +45,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from arvision.generators.base import Generator, require
+from arvision.generators.base import Generator, SamplingCost, require
 from arvision.generators.sampling import linear_cfg_schedule
 from arvision.nn.attention import Attention, KVCache
 from arvision.nn.graphs import compiled_step
@@ -194,6 +195,8 @@ class FlowHead(nn.Module):
 
 
 class FlowARGenerator(Generator):
+    name = "flowar"
+
     def __init__(self, *, spec: TokenSpec, num_classes: int, scales: Sequence[int] | None = None, dim: int = 256,
                  depth: int = 4, heads: int = 4, ffn_hidden: int | None = None, dropout: float = 0.0,
                  attn_dropout: float = 0.0, class_dropout: float = 0.1, positions: str = "both", rope_base: float = 10000.0,
@@ -247,8 +250,6 @@ class FlowARGenerator(Generator):
         self.register_buffer("ar_mask", block_causal_mask(self.lengths), persistent=False)
         self.register_buffer("head_mask", seg[:, None] == seg[None, :], persistent=False)  # block-diagonal
         self._flex_masks: dict[str, tuple] = {}
-        # settings of the latest `sample` call: the evaluation asks network_evaluations(cfg) after sampling
-        self._last_sampling: dict[str, object] = {"steps": 25, "sampler": "euler", "time_grid": "flowar"}
 
         self._init_weights()
 
@@ -385,7 +386,6 @@ class FlowARGenerator(Generator):
         slots, then the head's ODE from noise (drawn with `generator`, on its device) with guidance weight w_k
         applied while guidance_low ≤ t ≤ guidance_high (cfg = 1: no null-class rows at all). The head runs under
         the ambient autocast unless `head_fp32`; `decode` = eager | compiled (module docstring)."""
-        self._last_sampling = {"steps": steps, "sampler": sampler, "time_grid": time_grid}
         was_training = self.training
         self.eval()
         try:
@@ -420,19 +420,12 @@ class FlowARGenerator(Generator):
         finally:
             self.train(was_training)
 
-    def sampling_cost(self, cfg: float = 1.0, **sampling) -> dict[str, int]:
-        """Network passes per sampled batch, split as issue 5 asks: K cached backbone passes (one per scale) and
-        K × (head evaluations per ODE solve) head passes over one scale's tokens; under CFG each pass runs 2B rows
-        (`rows_per_pass_factor`; with the linear ramp the first scale's head runs B rows since its weight is 1).
-        `steps`, `sampler`, `time_grid` default to those of the latest `sample` call (25, euler, flowar before any);
-        other sampling keywords are accepted and ignored."""
-        settings = {**self._last_sampling, **{k: v for k, v in sampling.items() if k in self._last_sampling}}
+    def sampling_cost(self, *, cfg: float = 1.0, steps: int = 25, sampler: str = "euler", time_grid: str = "flowar",
+                      **_: Any) -> SamplingCost:
+        """K cached backbone passes (one per scale) and K × (head evaluations per ODE solve) head passes over one
+        scale's tokens; under CFG each pass runs 2B rows (with the linear ramp the first scale's head runs B rows,
+        since its weight is 1)."""
         backbone = len(self.scales)
-        head = backbone * self.process.evaluations(sampler=settings["sampler"], steps=settings["steps"],
-                                                   grid=settings["time_grid"])
-        return {"passes": backbone + head, "backbone_passes": backbone, "head_passes": head,
-                "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
-
-    def network_evaluations(self, cfg: float = 1.0, **sampling) -> int:
-        """Backbone + head passes per sampled batch (settings as in `sampling_cost`)."""
-        return self.sampling_cost(cfg, **sampling)["passes"]
+        head = backbone * self.process.evaluations(sampler=sampler, steps=steps, grid=time_grid)
+        return SamplingCost(backbone_passes=backbone, head_passes=head,
+                            rows_per_pass_factor=2 if cfg != 1.0 else 1)

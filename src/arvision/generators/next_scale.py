@@ -62,13 +62,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from arvision.generators.base import Generator, require
+from arvision.generators.base import Generator, SamplingCost, require
 from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import classifier_free_guidance, linear_cfg_schedule, sample_from_logits
 from arvision.nn.attention import KVCache, StaticKVCache, flex
@@ -77,7 +78,6 @@ from arvision.nn.blocks import DropPath
 from arvision.nn.masks import (block_causal_mask, block_causal_mask_mod, flex_block_mask, is_block_mask, segment_ids,
                                use_flex)
 from arvision.tokenizers.base import TokenSpec
-from arvision.tokenizers.quantize import nearest_code
 
 # VAR's 256-pixel schedule (16×16 latent); smaller latents use it truncated and ending at their side.
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -252,6 +252,9 @@ def sincos_grid(dim: int, size: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- the generator
 class NextScaleGenerator(Generator):
+    name = "next_scale"
+    supports_editing = True
+
     def __init__(self, *, spec: TokenSpec, num_classes: int, depth: int = 16, dim: int | None = None,
                  heads: int | None = None, drop_path: float | None = None, mlp_ratio: float = 4.0,
                  drop: float = 0.0, attn_drop: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
@@ -265,9 +268,9 @@ class NextScaleGenerator(Generator):
                     needs="a multi-scale tokenizer (tokenizer=msvq) or residual=false with tokenizer=vq")
         else:
             require(spec, generator="next_scale",
-                    ok=spec.kind == "discrete" and spec.layout == "grid" and spec.grid[0] == spec.grid[1],
-                    needs="a square single-grid VQ tokenizer (tokenizer=vq) with residual=false (FlexVAR), "
-                          "or residual=true with tokenizer=msvq")
+                    ok=spec.layout == "grid" and spec.has_codebook and spec.grid[0] == spec.grid[1],
+                    needs="a square single-grid tokenizer with a codebook (tokenizer=vq) with residual=false "
+                          "(FlexVAR), or residual=true with tokenizer=msvq")
         use_flex(attention, "cpu")  # validates the switch
         assert spec.vocab_size is not None  # guaranteed for discrete specs
         self.spec, self.num_classes, self.residual = spec, num_classes, residual
@@ -316,7 +319,7 @@ class NextScaleGenerator(Generator):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
+                if isinstance(m, nn.Linear) and m.bias is not None:
                     m.bias.zero_()
         self.head.weight.mul_(init_head)
         self.head.bias.zero_()
@@ -393,9 +396,9 @@ class NextScaleGenerator(Generator):
 
         Each scale re-quantises the area-downsampled quantised latent on its own (no residual); the last is the grid.
         """
-        quantize = self.tokenizer_on(grid.device).quantize
+        tokenizer = self.tokenizer_on(grid.device)
         with torch.autocast(device_type=grid.device.type, enabled=False):
-            codebook = quantize.codebook().float()  # l2-normalised rows when the tokenizer uses cosine lookup
+            codebook = tokenizer.codebook().float()  # l2-normalised rows when the tokenizer uses cosine lookup
             z_q = rearrange(codebook[grid], "b h w c -> b c h w")
             indices, codes = [], []
             for n in schedule:
@@ -403,10 +406,7 @@ class NextScaleGenerator(Generator):
                     idx, code = grid, z_q
                 else:
                     z = F.interpolate(z_q, size=(n, n), mode="area")
-                    flat = rearrange(z, "b c h w -> (b h w) c")
-                    if quantize.l2_norm:
-                        flat = F.normalize(flat, dim=-1)
-                    idx = nearest_code(flat, codebook).view(grid.shape[0], n, n)
+                    idx = tokenizer.nearest_codes(rearrange(z, "b c h w -> (b h w) c")).view(grid.shape[0], n, n)
                     code = rearrange(codebook[idx], "b h w c -> b c h w")
                 indices.append(idx)
                 codes.append(code)
@@ -578,19 +578,16 @@ class NextScaleGenerator(Generator):
         if self.residual:
             f_hat, inputs = tokenizer.next_scale_input(k, f_hat, idx)
         else:
-            code = rearrange(tokenizer.quantize.codebook()[idx], "b (h w) c -> b c h w", h=n)
+            code = rearrange(tokenizer.codebook()[idx], "b (h w) c -> b c h w", h=n)
             inputs = self.flex_input(code, nxt)
         x = self.word_embed(inputs.float()) + positions[:, :nxt * nxt]
         return f_hat, torch.cat([x, x]) if guided else x
 
-    def sampling_cost(self, cfg: float) -> dict[str, int]:
-        """Forward passes per sampled batch (one per scale of the default schedule) and the rows each pass runs as
-        a multiple of the batch size: 2 under CFG (cfg ≠ 1)."""
-        return {"passes": len(self.scales), "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
-
-    def network_evaluations(self, cfg: float) -> int:
-        """K forward passes per sampled batch (the default schedule), whatever the CFG."""
-        return len(self.scales)
+    def sampling_cost(self, *, cfg: float = 1.0, schedule: Sequence[int] | None = None, **_: Any) -> SamplingCost:
+        """One forward pass per scale of the sampling schedule (the trained one unless `schedule` is given); 2B rows
+        under CFG."""
+        return SamplingCost(backbone_passes=len(self.check_schedule(schedule)),
+                            rows_per_pass_factor=2 if cfg != 1.0 else 1)
 
     # --- zero-shot editing -------------------------------------------------------------------------------------------
 

@@ -22,13 +22,14 @@ step replays one CUDA graph (gpt-fast's recipe). Sampling itself (CFG, top-k/p, 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from arvision.generators.base import Generator, require
+from arvision.generators.base import Generator, SamplingCost, require
 from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import classifier_free_guidance, sample_from_logits
 from arvision.nn import KVCache, LabelEmbedding, RMSNorm, TransformerBlock, grid_positions, rope_2d, with_zero_prefix
@@ -85,6 +86,9 @@ class DepthHead(nn.Module):
 
 
 class RasterGenerator(Generator):
+    name = "raster"
+    supports_editing = True
+
     def __init__(self, *, spec: TokenSpec, num_classes: int, dim: int = 256, depth: int = 6, heads: int = 4,
                  kv_heads: int | None = None, ffn_hidden: int | None = None, token_dropout: float = 0.1,
                  resid_dropout: float = 0.1, ffn_dropout: float = 0.1, drop_path: float = 0.0,
@@ -292,18 +296,12 @@ class RasterGenerator(Generator):
         finally:
             self.train(was_training)
 
-    def sampling_cost(self, cfg: float) -> dict[str, int]:
-        """Forward passes per sampled batch (one per spatial slot, the first one the class prefill; with a depth
-        head also D head passes per position) and the rows each pass runs, as a multiple of the batch size (2 under
-        CFG: conditional + null-class rows)."""
+    def sampling_cost(self, *, cfg: float = 1.0, **_: Any) -> SamplingCost:
+        """One backbone pass per spatial slot (the first is the class prefill), plus D depth-head passes per slot
+        with a depth head; the 2B rows under CFG run for every token, also past `cfg_interval` (as in LlamaGen)."""
         head = self.seq_len * self.levels if self.depth_mode == "head" else 0
-        return {"passes": self.seq_len + head, "backbone_passes": self.seq_len, "head_passes": head,
-                "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
-
-    def network_evaluations(self, cfg: float) -> int:
-        """Forward passes per sampled batch, whatever the CFG (see `sampling_cost` for the rows): h·w·D flattened,
-        h·w spatial + h·w·D depth-head passes with a depth head."""
-        return self.sampling_cost(cfg)["passes"]
+        return SamplingCost(backbone_passes=self.seq_len, head_passes=head,
+                            rows_per_pass_factor=2 if cfg != 1.0 else 1)
 
     # --- zero-shot editing ----------------------------------------------------------------------------------------
 

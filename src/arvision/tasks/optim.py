@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
+from arvision.generators.base import Generator
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+
+def param_groups(module: nn.Module, weight_decay: float, *, skip: Collection[str] = ()) -> list[dict]:
     """Weight decay on matrices and conv kernels only, never on norms, biases or gains (LlamaGen / nanoGPT), nor on
-    what the module lists in `no_weight_decay()` (timm's convention; VAR's positions, level table, attention scales)."""
-    skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else set()
+    the parameters named in `skip` (a generator's `no_weight_decay()`: VAR's positions, level table, scales)."""
+    skip = set(skip)
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -19,9 +22,11 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(module: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    fused = any(p.is_cuda for p in module.parameters())  # fused kernels exist for CUDA tensors
-    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=tuple(betas), fused=fused or None)
+def adamw(generator: Generator, *, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over a generator's parameters, without decay where `param_groups` and `no_weight_decay()` say."""
+    fused = any(p.is_cuda for p in generator.parameters())  # fused kernels exist for CUDA tensors
+    groups = param_groups(generator, weight_decay, skip=generator.no_weight_decay())
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_steps: int,

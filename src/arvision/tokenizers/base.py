@@ -13,7 +13,8 @@ Token tensors by layout:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ class TokenSpec:
     depth: int = 1  # residual VQ depth
     shared_codebook: bool = True  # residual VQ: one codebook for all depths (RQ-VAE), or one per depth
     scales: tuple[int, ...] = field(default=())  # side lengths, multi-scale only
+    has_codebook: bool = False  # discrete: `Tokenizer.codebook()` / `nearest_codes()` give the code vectors
     image_size: int = 32
     image_channels: int = 3
 
@@ -47,6 +49,8 @@ class TokenSpec:
             raise ValueError("a discrete TokenSpec needs vocab_size")
         if self.layout == "scales" and not self.scales:
             raise ValueError("a multi-scale TokenSpec needs scales")
+        if self.has_codebook and self.kind != "discrete":
+            raise ValueError("only a discrete TokenSpec has a codebook")
 
     @property
     def num_tokens(self) -> int:
@@ -65,9 +69,14 @@ class Tokenizer(nn.Module):
     Subclasses set `self.spec` and implement `encode`, `decode` and `forward`. `forward(images)` returns a
     dict with `recon` (images in [-1, 1]), `loss` (the total generator-side loss), the individual loss terms
     and per-batch stats (`usage`, `perplexity` for discrete tokenizers).
+
+    Optional abilities are declared, never discovered: `spec.has_codebook` with `codebook` and `nearest_codes`
+    (what FlexVAR re-quantises with), `has_scaling_factor` with `calibrate_scaling` (continuous latents scaled to
+    unit variance after stage 1), and the multi-scale operations of `MultiScaleTokenizer` for `layout="scales"`.
     """
 
     spec: TokenSpec
+    has_scaling_factor: ClassVar[bool] = False
 
     def encode(self, images: torch.Tensor) -> Any:
         raise NotImplementedError
@@ -75,10 +84,35 @@ class Tokenizer(nn.Module):
     def decode(self, tokens: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def last_decoder_layer(self) -> torch.Tensor:
-        """Weight of the decoder's last layer, for the adaptive GAN weight (VQGAN)."""
-        raise NotImplementedError
+    def codebook(self) -> torch.Tensor:
+        """The code vectors (vocab_size, dim) as the nearest-code rule compares them (l2-normalised for a cosine
+        lookup); only when `spec.has_codebook`."""
+        raise NotImplementedError(f"tokenizer={self.spec.name} exposes no codebook")
+
+    def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """Indices (N,) of the codes the tokenizer's own lookup picks for vectors `z` (N, dim)."""
+        raise NotImplementedError(f"tokenizer={self.spec.name} exposes no codebook")
+
+    def calibrate_scaling(self, images: torch.Tensor | Iterable, *, max_images: int | None = None) -> float:
+        """Set and return the latent scaling factor measured on `images`; only when `has_scaling_factor`."""
+        raise NotImplementedError(f"tokenizer={self.spec.name} has no latent scaling factor")
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(images)).clamp(-1, 1)
+
+
+class MultiScaleTokenizer(Tokenizer):
+    """A tokenizer with `layout="scales"` (VAR): residual maps n_1 < … < n_K whose sum of upsampled code maps is the
+    latent f̂. Next-scale prediction teacher-forces and samples through these operations."""
+
+    def teacher_forcing_inputs(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The inputs of scales 2..K given all K maps: (B, Σ_{k≥2} n_k², dim), each the running f̂ after scale k − 1
+        area-downsampled to n_k."""
+        raise NotImplementedError
+
+    def next_scale_input(self, k: int, f_hat: torch.Tensor | None,
+                         indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Add scale k's sampled `indices` to the running f̂ (None: start from zeros) and return (f̂, the input of
+        scale k + 1 (B, n², dim), None after the last scale)."""
+        raise NotImplementedError

@@ -103,5 +103,3 @@ class LookupFreeTokenizer(Tokenizer):
         return {"recon": recon, "indices": indices, "loss": rec + aux, "recon_loss": rec, "aux_loss": aux,
                 "usage": usage, "perplexity": perplexity}
 
-    def last_decoder_layer(self) -> torch.Tensor:
-        return self.decoder.last_layer

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from arvision.tokenizers.base import TokenSpec, Tokenizer
+from arvision.tokenizers.base import MultiScaleTokenizer, TokenSpec
 from arvision.tokenizers.losses import reconstruction_loss
 from arvision.tokenizers.nets import Decoder, Encoder, latent_side
 from arvision.tokenizers.quantize import (balanced_rows, nearest_code, restart_dead_codes,
@@ -240,7 +240,7 @@ class MultiScaleQuantizer(nn.Module):
                 f"phi_of_scale={self.phi_of_scale}")
 
 
-class MultiScaleVQTokenizer(Tokenizer):
+class MultiScaleVQTokenizer(MultiScaleTokenizer):
     def __init__(
         self,
         *,
@@ -326,8 +326,6 @@ class MultiScaleVQTokenizer(Tokenizer):
         quant = sum(v for k, v in terms.items() if k.endswith("_loss"))
         return {"recon": recon, "indices": indices, "loss": rec + quant, "recon_loss": rec, **terms}
 
-    def last_decoder_layer(self) -> torch.Tensor:
-        return self.decoder.last_layer
 
 
 __all__ = ["MultiScaleQuantizer", "MultiScaleVQTokenizer", "Phi", "VAR_SCALES", "default_scales", "phi_index"]

@@ -83,18 +83,18 @@ class Level(nn.Module):
         self.res = nn.ModuleList(
             [ResnetBlock(in_ch if j == 0 else out_ch, out_ch, dropout) for j in range(num_res_blocks)])
         self.attn = nn.ModuleList([AttnBlock(out_ch) for _ in range(num_res_blocks)]) if attn else nn.ModuleList()
-        self.resample_name = None
-        if resample is not None:
-            self.resample_name = "downsample" if isinstance(resample, Downsample) else "upsample"
-            self.add_module(self.resample_name, resample)
+        self.downsample = resample if isinstance(resample, Downsample) else None
+        self.upsample = resample if isinstance(resample, Upsample) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for j, block in enumerate(self.res):
             x = block(x)
             if len(self.attn):
                 x = self.attn[j](x)
-        if self.resample_name is not None:
-            x = getattr(self, self.resample_name)(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
         return x
 
 
@@ -152,10 +152,6 @@ class Decoder(nn.Module):
         for level in self.conv_blocks:
             h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        return self.conv_out.weight
 
 
 def latent_side(image_size: int, ch_mult: tuple[int, ...]) -> int:

@@ -250,8 +250,6 @@ class RVQTokenizer(Tokenizer):
         quant = sum(v for k, v in terms.items() if k.endswith("_loss"))
         return {"recon": recon, "indices": indices, "loss": rec + quant, "recon_loss": rec, **terms}
 
-    def last_decoder_layer(self) -> torch.Tensor:
-        return self.decoder.last_layer
 
 
 def usage_per_depth(tokens: torch.Tensor, vocab_size: int) -> list[tuple[float, float]]:

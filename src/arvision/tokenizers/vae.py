@@ -55,6 +55,8 @@ class DiagonalGaussian:
 
 
 class KLVAETokenizer(Tokenizer):
+    has_scaling_factor = True
+
     def __init__(
         self,
         *,
@@ -129,8 +131,6 @@ class KLVAETokenizer(Tokenizer):
             "posterior_std": posterior.std.detach().mean(),  # mean σ: how noisy the posterior is
         }
 
-    def last_decoder_layer(self) -> torch.Tensor:
-        return self.decoder.last_layer
 
     # ----------------------------------------------------------------------------------------- scaling factor
     @torch.no_grad()

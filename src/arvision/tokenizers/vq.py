@@ -6,12 +6,13 @@ Tokens: LongTensor (B, h, w) with h = w = image_size / 2^(levels − 1).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from arvision.tokenizers.losses import reconstruction_loss
 from arvision.tokenizers.nets import Decoder, Encoder, latent_side
-from arvision.tokenizers.quantize import VectorQuantizer
+from arvision.tokenizers.quantize import VectorQuantizer, nearest_code
 
 
 class VQTokenizer(Tokenizer):
@@ -49,13 +50,20 @@ class VQTokenizer(Tokenizer):
         self.decoder = Decoder(out_channels=image_channels, **net)
         self.recon_loss = recon_loss
         self.spec = TokenSpec(name=name, kind="discrete", layout="grid", grid=(side, side), dim=code_dim,
-                              vocab_size=vocab_size, image_size=image_size, image_channels=image_channels)
+                              vocab_size=vocab_size, image_size=image_size, image_channels=image_channels,
+                              has_codebook=True)
 
     def quantize_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         return self.quantize(self.quant_conv(self.encoder(images)))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.quantize_images(images)[1]
+
+    def codebook(self) -> torch.Tensor:
+        return self.quantize.codebook()
+
+    def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
+        return nearest_code(F.normalize(z, dim=-1) if self.quantize.l2_norm else z, self.codebook())
 
     def decode_codes(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
@@ -70,5 +78,3 @@ class VQTokenizer(Tokenizer):
         quant = sum(v for k, v in terms.items() if k.endswith("_loss"))
         return {"recon": recon, "indices": indices, "loss": rec + quant, "recon_loss": rec, **terms}
 
-    def last_decoder_layer(self) -> torch.Tensor:
-        return self.decoder.last_layer
