@@ -10,13 +10,14 @@ are lighter than MAGVIT-v2's 0.1 / 0.25, which swamp our per-pixel-mean reconstr
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from arvision.tokenizers.base import MissingExtra, TokenSpec, Tokenizer
+from arvision.tokenizers.base import MissingExtra, TokenSpec
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder, latent_side
+from arvision.tokenizers.nets import ConvTokenizer
 from arvision.tokenizers.quantize import usage_and_perplexity
 
 VQP_VERSION = "1.32.0"
@@ -31,31 +32,21 @@ def _library():
     return vector_quantize_pytorch
 
 
-class LookupFreeTokenizer(Tokenizer):
+class LookupFreeTokenizer(ConvTokenizer):
     def __init__(
         self,
         *,
-        image_size: int,
-        image_channels: int,
         method: str = "fsq",
         levels: tuple[int, ...] = (8, 5, 5, 5),
         codebook_size: int = 256,
         entropy_weight: float = 0.001,
         commitment_weight: float = 0.01,
-        ch: int = 64,
-        ch_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        z_channels: int = 64,
-        attn_last_level: bool = False,
-        mid_attn: bool = False,
-        dropout: float = 0.0,
-        recon_loss: str = "l2",
         name: str = "fsq",
+        **net: Any,  # ConvTokenizer's network keys and image size
     ) -> None:
-        super().__init__()
-        vqp = _library()
-        ch_mult = tuple(ch_mult)
-        side = latent_side(image_size, ch_mult)
+        vqp = _library()  # before any work: a missing extra says how to install it
+        super().__init__(**net)
+        side = self.latent_side
         if method == "fsq":
             code_dim, vocab_size = len(levels), math.prod(levels)
             self.quantize = vqp.FSQ(levels=list(levels), dim=code_dim, channel_first=True)
@@ -69,15 +60,12 @@ class LookupFreeTokenizer(Tokenizer):
         else:
             raise ValueError(f"method must be fsq or lfq, got {method!r}")
         self.method = method
-        net = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                   attn_last_level=attn_last_level, mid_attn=mid_attn, dropout=dropout)
-        self.encoder = Encoder(in_channels=image_channels, **net)
-        self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
-        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
-        self.decoder = Decoder(out_channels=image_channels, **net)
-        self.recon_loss = recon_loss
+        self.quant_conv = nn.Conv2d(self.z_channels, code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(code_dim, self.z_channels, 1)
+        self.decoder = self.make_decoder()
         self.spec = TokenSpec(name=name, kind="discrete", layout="grid", grid=(side, side), dim=code_dim,
-                              vocab_size=vocab_size, image_size=image_size, image_channels=image_channels)
+                              vocab_size=vocab_size, image_size=self.image_size,
+                              image_channels=self.image_channels)
 
     def quantize_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """→ (straight-through codes (B, d, h, w), indices (B, h, w), auxiliary loss)."""

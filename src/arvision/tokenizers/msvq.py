@@ -20,6 +20,7 @@ Indexing: scale k is 0-based everywhere (tokens[k], `usage_s{k}`, `next_scale_in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 
 from arvision.tokenizers.base import MultiScaleTokenizer, TokenSpec
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder, latent_side
+from arvision.tokenizers.nets import ConvTokenizer
 from arvision.tokenizers.quantize import (balanced_rows, nearest_code, restart_dead_codes,
                                          usage_and_perplexity)
 
@@ -240,19 +241,10 @@ class MultiScaleQuantizer(nn.Module):
                 f"phi_of_scale={self.phi_of_scale}")
 
 
-class MultiScaleVQTokenizer(MultiScaleTokenizer):
+class MultiScaleVQTokenizer(ConvTokenizer, MultiScaleTokenizer):
     def __init__(
         self,
         *,
-        image_size: int,
-        image_channels: int,
-        ch: int = 64,
-        ch_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        z_channels: int = 64,
-        attn_last_level: bool = False,
-        mid_attn: bool = True,
-        dropout: float = 0.0,
         vocab_size: int = 1024,
         code_dim: int = 8,
         scales: tuple[int, ...] | None = None,
@@ -264,27 +256,22 @@ class MultiScaleVQTokenizer(MultiScaleTokenizer):
         restart_unused: bool = False,
         restart_patience: int = 1,
         restart_balanced: bool = False,
-        recon_loss: str = "l2",
         name: str = "msvq",
+        **net: Any,  # ConvTokenizer's network keys and image size
     ) -> None:
-        super().__init__()
-        ch_mult = tuple(ch_mult)
-        side = latent_side(image_size, ch_mult)
+        super().__init__(**net)
+        side = self.latent_side
         scales = check_scales(default_scales(side) if scales is None else scales, side)
-        net = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                   attn_last_level=attn_last_level, mid_attn=mid_attn, dropout=dropout)
-        self.encoder = Encoder(in_channels=image_channels, **net)
-        self.quant_conv = nn.Conv2d(z_channels, code_dim, 3, padding=1)  # 3×3, as VAR (LlamaGen's VQ uses 1×1)
+        self.quant_conv = nn.Conv2d(self.z_channels, code_dim, 3, padding=1)  # 3×3, as VAR (LlamaGen's VQ uses 1×1)
         self.quantize = MultiScaleQuantizer(vocab_size=vocab_size, dim=code_dim, scales=scales, beta=beta,
                                             phi_kernel=phi_kernel, phi_ratio=phi_ratio, phi_count=phi_count,
                                             l2_norm=l2_norm, restart_unused=restart_unused,
                                             restart_patience=restart_patience, restart_balanced=restart_balanced)
-        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 3, padding=1)
-        self.decoder = Decoder(out_channels=image_channels, **net)
-        self.recon_loss = recon_loss
+        self.post_quant_conv = nn.Conv2d(code_dim, self.z_channels, 3, padding=1)
+        self.decoder = self.make_decoder()
         self.spec = TokenSpec(name=name, kind="discrete", layout="scales", grid=(side, side), dim=code_dim,
-                              vocab_size=vocab_size, scales=scales, image_size=image_size,
-                              image_channels=image_channels)
+                              vocab_size=vocab_size, scales=scales, image_size=self.image_size,
+                              image_channels=self.image_channels)
 
     @property
     def scales(self) -> tuple[int, ...]:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arvision.tokenizers.base import Tokenizer
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     # 32 groups as in VQGAN; fewer for narrow CPU-sized networks.
@@ -161,3 +163,27 @@ def latent_side(image_size: int, ch_mult: tuple[int, ...]) -> int:
         raise ValueError(f"image_size {image_size} is not divisible by 2^{len(ch_mult) - 1} (len(ch_mult) − 1)")
     return image_size // factor
 
+
+
+class ConvTokenizer(Tokenizer):
+    """A tokenizer on this module's encoder and decoder: the network keys every tokenizer config shares
+    (`conf/tokenizer/common/net.yaml`), so tokenizers compare like for like.
+
+    A subclass passes these keys through (`**net`) and builds, in this order, which fixes the initial weights for
+    a seed: the encoder (here), its own quant_conv, quantiser and post_quant_conv, then `self.make_decoder()`.
+    """
+
+    def __init__(self, *, image_size: int, image_channels: int, ch: int = 64, ch_mult: tuple[int, ...] = (1, 2, 2),
+                 num_res_blocks: int = 1, z_channels: int = 64, attn_last_level: bool = False, mid_attn: bool = True,
+                 dropout: float = 0.0, recon_loss: str = "l2") -> None:
+        super().__init__()
+        ch_mult = tuple(ch_mult)
+        self.image_size, self.image_channels, self.z_channels = image_size, image_channels, z_channels
+        self.latent_side = latent_side(image_size, ch_mult)
+        self.recon_loss = recon_loss
+        self._net = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
+                         attn_last_level=attn_last_level, mid_attn=mid_attn, dropout=dropout)
+        self.encoder = Encoder(in_channels=image_channels, **self._net)
+
+    def make_decoder(self) -> Decoder:
+        return Decoder(out_channels=self.image_channels, **self._net)

@@ -19,15 +19,17 @@ codebook gets one EMA update per step from the assignments of all depths pooled.
 from __future__ import annotations
 
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from arvision.tokenizers.base import TokenSpec, Tokenizer
+from arvision.tokenizers.base import TokenSpec
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder, latent_side
+from arvision.tokenizers.nets import ConvTokenizer
 from arvision.tokenizers.quantize import (distributed, nearest_code, random_rows, restart_dead_codes,
                                          usage_and_perplexity)
 
@@ -180,21 +182,12 @@ class ResidualQuantizer(nn.Module):
                 f"ema_decay={self.ema_decay}, restart_unused={self.restart_unused}, l2_norm={self.l2_norm}")
 
 
-class RVQTokenizer(Tokenizer):
+class RVQTokenizer(ConvTokenizer):
     """Conv encoder → 1×1 quant_conv → residual quantiser → 1×1 post_quant_conv → decoder (VQ's key layout)."""
 
     def __init__(
         self,
         *,
-        image_size: int,
-        image_channels: int,
-        ch: int = 64,
-        ch_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        z_channels: int = 64,
-        attn_last_level: bool = False,
-        mid_attn: bool = True,
-        dropout: float = 0.0,
         vocab_size: int = 1024,
         code_dim: int = 8,
         depth: int = 4,
@@ -204,25 +197,20 @@ class RVQTokenizer(Tokenizer):
         ema_decay: float = 0.99,
         restart_unused: bool = False,
         l2_norm: bool = False,
-        recon_loss: str = "l2",
         name: str = "rvq",
+        **net: Any,  # ConvTokenizer's network keys and image size
     ) -> None:
-        super().__init__()
-        ch_mult = tuple(ch_mult)
-        side = latent_side(image_size, ch_mult)
-        net = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                   attn_last_level=attn_last_level, mid_attn=mid_attn, dropout=dropout)
-        self.encoder = Encoder(in_channels=image_channels, **net)
-        self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
+        super().__init__(**net)
+        side = self.latent_side
+        self.quant_conv = nn.Conv2d(self.z_channels, code_dim, 1)
         self.quantize = ResidualQuantizer(vocab_size=vocab_size, dim=code_dim, depth=depth,
                                           shared_codebook=shared_codebook, beta=beta, ema=ema, ema_decay=ema_decay,
                                           restart_unused=restart_unused, l2_norm=l2_norm)
-        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
-        self.decoder = Decoder(out_channels=image_channels, **net)
-        self.recon_loss = recon_loss
+        self.post_quant_conv = nn.Conv2d(code_dim, self.z_channels, 1)
+        self.decoder = self.make_decoder()
         self.spec = TokenSpec(name=name, kind="discrete", layout="depth", grid=(side, side), dim=code_dim,
                               vocab_size=vocab_size, depth=depth, shared_codebook=shared_codebook,
-                              image_size=image_size, image_channels=image_channels)
+                              image_size=self.image_size, image_channels=self.image_channels)
 
     def quantize_images(self, images: torch.Tensor, *, update_codebook: bool = True,
                         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

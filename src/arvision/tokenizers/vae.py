@@ -17,13 +17,14 @@ the artifact's state dict. `calibrate_scaling` sets it after stage 1; `decode` d
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from arvision.tokenizers.base import TokenSpec, Tokenizer
+from arvision.tokenizers.base import TokenSpec
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder, latent_side
+from arvision.tokenizers.nets import ConvTokenizer
 
 
 def kl_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -54,48 +55,34 @@ class DiagonalGaussian:
         return kl_standard_normal(self.mean, self.logvar)
 
 
-class KLVAETokenizer(Tokenizer):
+class KLVAETokenizer(ConvTokenizer):
     has_scaling_factor = True
 
     def __init__(
         self,
         *,
-        image_size: int,
-        image_channels: int,
-        ch: int = 64,
-        ch_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        z_channels: int = 64,
-        attn_last_level: bool = False,
-        mid_attn: bool = True,
-        dropout: float = 0.0,
         latent_channels: int = 4,
         kl_weight: float = 1e-9,
         sample_posterior: bool = True,
         logvar_clamp: tuple[float, float] = (-30.0, 20.0),
-        recon_loss: str = "l2",
         name: str = "vae",
+        **net: Any,  # ConvTokenizer's network keys and image size
     ) -> None:
-        super().__init__()
-        ch_mult = tuple(ch_mult)
-        side = latent_side(image_size, ch_mult)
+        super().__init__(**net)
+        side = self.latent_side
         low, high = (float(v) for v in logvar_clamp)
         if not low < high:
             raise ValueError(f"logvar_clamp must be (low, high) with low < high, got {tuple(logvar_clamp)}")
-        net = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                   attn_last_level=attn_last_level, mid_attn=mid_attn, dropout=dropout)
-        self.encoder = Encoder(in_channels=image_channels, **net)
-        self.quant_conv = nn.Conv2d(z_channels, 2 * latent_channels, 1)  # → mean and log-variance
-        self.post_quant_conv = nn.Conv2d(latent_channels, z_channels, 1)
-        self.decoder = Decoder(out_channels=image_channels, **net)
+        self.quant_conv = nn.Conv2d(self.z_channels, 2 * latent_channels, 1)  # → mean and log-variance
+        self.post_quant_conv = nn.Conv2d(latent_channels, self.z_channels, 1)
+        self.decoder = self.make_decoder()
         self.kl_weight = kl_weight
         self.sample_posterior = sample_posterior
         self.logvar_clamp = (low, high)
-        self.recon_loss = recon_loss
         # Persistent, so a calibrated factor is saved and restored with the weights.
         self.register_buffer("scaling_factor", torch.tensor(1.0))
         self.spec = TokenSpec(name=name, kind="continuous", layout="grid", grid=(side, side), dim=latent_channels,
-                              image_size=image_size, image_channels=image_channels)
+                              image_size=self.image_size, image_channels=self.image_channels)
 
     # ----------------------------------------------------------------------------------------- unscaled latents
     def posterior(self, images: torch.Tensor) -> DiagonalGaussian:

@@ -5,52 +5,40 @@ Tokens: LongTensor (B, h, w) with h = w = image_size / 2^(levels − 1).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arvision.tokenizers.base import TokenSpec, Tokenizer
+from arvision.tokenizers.base import TokenSpec
 from arvision.tokenizers.losses import reconstruction_loss
-from arvision.tokenizers.nets import Decoder, Encoder, latent_side
+from arvision.tokenizers.nets import ConvTokenizer
 from arvision.tokenizers.quantize import VectorQuantizer, nearest_code
 
 
-class VQTokenizer(Tokenizer):
+class VQTokenizer(ConvTokenizer):
     def __init__(
         self,
         *,
-        image_size: int,
-        image_channels: int,
-        ch: int = 64,
-        ch_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        z_channels: int = 64,
-        attn_last_level: bool = False,
-        mid_attn: bool = True,
-        dropout: float = 0.0,
         vocab_size: int = 1024,
         code_dim: int = 8,
         beta: float = 0.25,
         l2_norm: bool = True,
         entropy_weight: float = 0.0,
         restart_unused: bool = False,
-        recon_loss: str = "l2",
         name: str = "vq",
+        **net: Any,  # ConvTokenizer's network keys and image size
     ) -> None:
-        super().__init__()
-        ch_mult = tuple(ch_mult)
-        side = latent_side(image_size, ch_mult)
-        net = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                   attn_last_level=attn_last_level, mid_attn=mid_attn, dropout=dropout)
-        self.encoder = Encoder(in_channels=image_channels, **net)
-        self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
+        super().__init__(**net)
+        side = self.latent_side
+        self.quant_conv = nn.Conv2d(self.z_channels, code_dim, 1)
         self.quantize = VectorQuantizer(vocab_size=vocab_size, dim=code_dim, beta=beta, l2_norm=l2_norm,
                                         entropy_weight=entropy_weight, restart_unused=restart_unused)
-        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
-        self.decoder = Decoder(out_channels=image_channels, **net)
-        self.recon_loss = recon_loss
+        self.post_quant_conv = nn.Conv2d(code_dim, self.z_channels, 1)
+        self.decoder = self.make_decoder()
         self.spec = TokenSpec(name=name, kind="discrete", layout="grid", grid=(side, side), dim=code_dim,
-                              vocab_size=vocab_size, image_size=image_size, image_channels=image_channels,
+                              vocab_size=vocab_size, image_size=self.image_size, image_channels=self.image_channels,
                               has_codebook=True)
 
     def quantize_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
