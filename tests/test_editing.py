@@ -361,14 +361,28 @@ def test_next_scale_edit_checks_the_reference_tokens() -> None:
         flex.edit(labels_for(), reference(var)[-1][:2], row_masks())
 
 
-def test_edit_images_keeps_the_known_tokens_of_real_images() -> None:
-    """The CLI's path: encode → edit → decode; re-encoding is not needed to check it, the tokens are."""
+def test_edit_images_keeps_the_known_tokens_of_real_images(monkeypatch) -> None:
+    """The CLI's path: encode → edit → decode; re-encoding is not needed to check it, the tokens are: those handed
+    to decode carry the images' own tokens on every known cell of every scale."""
     model = next_scale(True)
+    tok = model.tokenizer_on("cpu")
     images = torch.rand(5, 1, IMAGE, IMAGE, generator=rng(3)) * 2 - 1
     known = known_pixels("inpaint", "right", IMAGE, IMAGE)
-    edited, seconds = edit_images(model, model.tokenizer_on("cpu"), images, labels_for(5), known, batch_size=2,
-                                  seed=0, cfg=1.5)
+    decoded: list[list[torch.Tensor]] = []
+    plain_decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda tokens: decoded.append(tokens) or plain_decode(tokens))
+    edited, seconds = edit_images(model, tok, images, labels_for(5), known, batch_size=2, seed=0, cfg=1.5)
     assert edited.shape == images.shape and seconds > 0 and edited.abs().max() <= 1
+    assert len(decoded) == 3  # chunks of 2, 2 and 1
+    with torch.no_grad():
+        truth = tok.encode(images)
+    fed = [torch.cat([chunk[k] for chunk in decoded]) for k in range(len(model.scales))]
+    for k, n in enumerate(model.scales):
+        cells = known_on_grid(known, n).expand(5, n, n)
+        assert torch.equal(fed[k][cells], truth[k][cells]), f"scale {k}"
+    finest = known_on_grid(known, model.scales[-1]).expand_as(truth[-1])
+    assert finest.any() and (fed[-1] != truth[-1])[~finest].any()  # the hidden half is generated
+    torch.testing.assert_close(edited, torch.cat([plain_decode(chunk).clamp(-1, 1) for chunk in decoded]))
     again, _ = edit_images(model, model.tokenizer_on("cpu"), images, labels_for(5), known, batch_size=2, seed=0,
                            cfg=1.5)
     assert torch.equal(edited, again)
