@@ -112,9 +112,10 @@ def test_rope_depends_only_on_offset(pos: list[int]) -> None:
     # the table is fp32 (as LlamaGen's), so allow its rounding at large angles
     torch.testing.assert_close(score((r1, c1), (r2, c2)), score((r1 + dr, c1 + dc), (r2 + dr, c2 + dc)),
                                atol=1e-5, rtol=1e-5)
-    # and each axis matters on its own
-    if r1 != r2:
-        assert not torch.allclose(score((r1, c1), (r2, c1)), score((r1, c1), (r1, c1)))
+    # and each axis matters on its own: a one-step offset along either changes the score
+    same = score((r1, c1), (r1, c1))
+    assert not torch.allclose(score((r1, c1), (r1 + 1, c1)), same)
+    assert not torch.allclose(score((r1, c1), (r1, c1 + 1)), same)
 
 
 def test_rope_matches_llamagen_layout() -> None:
