@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+from hydra.utils import get_object
 from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from arvision import pipeline
 from arvision.cli.common import config_dir
+from arvision.data.tokens import step_loader
+from arvision.tasks import GeneratorTask, TokenizerTask
 from arvision.utils.instantiate import instantiate
-from tests.conftest import compose_train
+from tests.conftest import REPO, compose_train
 
 CONF = Path(config_dir())
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -153,3 +161,117 @@ def test_each_experiment_composes_and_builds_its_pair_before_training(experiment
     dm = pipeline.build_datamodule(cfg)
     generator = pipeline.build_generator(cfg, pipeline.build_tokenizer(cfg, dm), dm.num_classes)
     assert generator.spec.name == cfg.tokenizer.name
+
+
+# --------------------------------------------------------------------------------------------- no unread keys
+# Blocks that are not instantiated from their own `_target_`: the callables their keys are passed to (a key must be
+# one of their arguments). `generator.sample` goes to the generator's `sample`; `trainer` to Lightning's Trainer,
+# except `steps_scale`, which `pipeline.finalize_config` reads.
+ARGUMENT_READERS: dict[str, tuple[Callable, ...]] = {
+    "tokenizer.train": (TokenizerTask, step_loader),
+    "generator.train": (GeneratorTask, step_loader, pipeline.make_trainer),
+    "trainer": (L.Trainer,),
+}
+READ_BY_NAME = {"trainer": {"steps_scale"}}
+SOURCE = "\n".join(p.read_text() for p in (REPO / "src" / "arvision").rglob("*.py"))
+CONF_TEXT = "\n".join(p.read_text() for p in CONF.rglob("*.yaml"))
+
+
+def _arguments(target: Callable) -> set[str] | None:
+    """Keyword arguments `target` takes; None when it takes any (**kwargs). An arvision class whose constructor
+    passes **kwargs on to its base class (the tokenizers: the network keys) takes the base's arguments too."""
+    chain = [c.__init__ for c in target.__mro__ if c.__module__.startswith("arvision.")] \
+        if inspect.isclass(target) and target.__module__.startswith("arvision.") else [target]
+    names: set[str] = set()
+    for function in chain:
+        params = inspect.signature(function).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _read_in_code(key: str) -> bool:
+    """`key` is read somewhere: as an attribute or item in src/arvision, or through an interpolation in conf/."""
+    k = re.escape(key)
+    return bool(re.search(rf"\.{k}\b|\[[\"']{k}[\"']\]|get\([\"']{k}[\"']", SOURCE)
+                or re.search(rf"\$\{{[^}}]*\b{k}\}}", CONF_TEXT))
+
+
+def _leaves(node: DictConfig, path: str = "") -> Iterator[tuple[DictConfig, str, str]]:
+    for key in node:
+        child = node._get_node(key)
+        full = f"{path}.{key}" if path else str(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            yield from _leaves(child, full)
+        else:
+            yield node, full, str(key)
+
+
+def unread_keys(cfg: DictConfig) -> list[str]:
+    """Keys of a composed train config that no code reads (see ARGUMENT_READERS for how each block is read)."""
+    unread = []
+    for parent, path, key in _leaves(cfg):
+        block = path.rsplit(".", 1)[0] if "." in path else ""
+        if "_target_" in parent and not key.startswith("_"):
+            target = get_object(parent._target_)
+            accepted = _arguments(target)
+            if accepted is not None and key not in accepted:
+                unread.append(f"{path} ({parent._target_} takes no {key})")
+        elif block == "generator.sample":
+            accepted = _arguments(get_object(cfg.generator.model._target_).sample)
+            if accepted is not None and key not in accepted:
+                unread.append(f"{path} ({cfg.generator.model._target_}.sample takes no {key})")
+        elif block in ARGUMENT_READERS:
+            accepted = set().union(*(_arguments(f) or set() for f in ARGUMENT_READERS[block]))
+            if key not in accepted | READ_BY_NAME.get(block, set()):
+                unread.append(f"{path} (not an argument of {', '.join(f.__name__ for f in ARGUMENT_READERS[block])})")
+        elif not key.startswith("_") and not _read_in_code(key):
+            unread.append(f"{path} (read nowhere in src/arvision or conf/)")
+    return unread
+
+
+COMPOSITIONS = ([[f"tokenizer={t}"] for t in OPTIONS["tokenizer"]] + [[f"generator={g}"] for g in OPTIONS["generator"]]
+                + [[f"{group}={option}"] for group in ("data", "trainer", "logger", "callbacks", "metrics")
+                   for option in OPTIONS[group]]
+                + [[f"experiment={p.stem}"] for p in sorted((CONF / "experiment").glob("*.yaml"))])
+
+
+@pytest.mark.parametrize("overrides", COMPOSITIONS, ids=lambda o: o[0])
+def test_every_config_key_is_read_by_some_code(overrides, tmp_path):
+    extra = ["data.root=/data", "data.num_classes=2"] if overrides == ["data=imagefolder"] else []
+    cfg = compose_train([*overrides, *extra], tmp_path)
+    assert unread_keys(cfg) == []
+
+
+def test_the_unread_key_check_finds_a_stray_key_in_every_kind_of_block(tmp_path):
+    cfg = compose_train(["generator=next_scale"], tmp_path)
+    for block in ("data", "tokenizer.model", "tokenizer.train", "generator.model", "generator.train",
+                  "generator.sample", "trainer", "metrics", ""):
+        path = f"{block}.stray_knob" if block else "stray_knob"
+        stray = cfg.copy()
+        OmegaConf.update(stray, path, 1, force_add=True)
+        assert [entry.split(" ")[0] for entry in unread_keys(stray)] == [path]
+    OmegaConf.update(cfg, "data.batch_size", 128, force_add=True)  # training batches are each stage's train.batch_size
+    assert [entry.split(" ")[0] for entry in unread_keys(cfg)] == ["data.batch_size"]
+
+
+def test_stage1_loads_images_in_data_num_workers_processes_and_trains_the_same_tokenizer(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_workers", 0))
+        return step_loader(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "step_loader", spy)
+    weights = {}
+    for workers in (0, 2):
+        cfg = compose_train(["debug=tiny", "data=shapes", "logger=none", f"data.num_workers={workers}"],
+                            tmp_path / str(workers))
+        out = tmp_path / str(workers) / "tokenizer"
+        out.mkdir(parents=True)
+        pipeline.train_tokenizer(cfg, pipeline.build_datamodule(cfg), out, tmp_path / str(workers) / "work")
+        weights[workers] = torch.load(out / "tokenizer.pt", weights_only=True)["state_dict"]
+    assert seen == [0, 2]
+    assert weights[0].keys() == weights[2].keys()
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

@@ -25,6 +25,7 @@ from arvision.data import (
     load_fashion_mnist,
 )
 from arvision.data import datasets as datasets_module
+from arvision.data.tokens import ImageBatches, step_loader
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -77,7 +78,7 @@ def fashion_raw(fashion_root: str | None) -> dict[str, tuple[torch.Tensor, torch
 
 @pytest.fixture(scope="module")
 def fashion(fashion_root: str | None) -> ImageDataModule:
-    dm = ImageDataModule(name="fashion_mnist", root=fashion_root, batch_size=16, eval_batch_size=32)
+    dm = ImageDataModule(name="fashion_mnist", root=fashion_root, eval_batch_size=32)
     dm.setup()
     return dm
 
@@ -111,7 +112,7 @@ def test_fashion_mnist_padded_to_32_with_background(
 
 
 def test_fashion_mnist_loaders_and_reference(fashion: ImageDataModule) -> None:
-    x, y = next(iter(fashion.train_dataloader()))
+    x, y = next(iter(step_loader(ImageBatches(fashion.train_set), batch_size=16, num_steps=1, seed=0)))
     assert x.shape == (16, 1, 32, 32) and x.dtype == torch.float32
     assert y.shape == (16,) and y.dtype == torch.int64
     x, y = next(iter(fashion.test_dataloader()))
@@ -161,13 +162,12 @@ def test_corrupt_idx_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_fashion_datamodule_sizes_from_root(tmp_path: Path) -> None:
     write_fake_fashion(tmp_path, n_train=20, n_test=9)
-    dm = ImageDataModule(name="fashion_mnist", root=str(tmp_path), batch_size=4, eval_batch_size=4, train_size=10)
+    dm = ImageDataModule(name="fashion_mnist", root=str(tmp_path), eval_batch_size=4, train_size=10)
     dm.setup()
     train_set = dm.train_set
     dm.setup()  # idempotent: the same objects, nothing rebuilt
     assert dm.train_set is train_set
     assert (len(dm.train_set), len(dm.test_set)) == (10, 9)
-    assert len(dm.train_dataloader()) == 2  # 10 // 4 with drop_last
     assert sum(len(y) for _, y in dm.val_dataloader()) == 9
     raw, _ = load_fashion_mnist(root=str(tmp_path), split="train")
     assert torch.equal(dm.train_set.images_uint8[:, :, 2:30, 2:30], raw[:10])  # the first N, in order
@@ -250,14 +250,13 @@ def test_shapes_rejects_bad_arguments() -> None:
 
 def test_shapes_datamodule() -> None:
     dm = ImageDataModule(
-        name="shapes", image_size=16, channels=3, num_classes=4, batch_size=8, eval_batch_size=16,
+        name="shapes", image_size=16, channels=3, num_classes=4, eval_batch_size=16,
         shapes_train_size=64, shapes_test_size=20, test_size=12,
     )
     dm.setup()
     assert (len(dm.train_set), len(dm.test_set)) == (64, 12)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = next(iter(step_loader(ImageBatches(dm.train_set), batch_size=8, num_steps=8, seed=0)))
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert len(dm.train_dataloader()) == 8
     x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (12, 3, 16, 16)
     ref, ref_labels = dm.reference_images(12)
@@ -335,12 +334,12 @@ def test_imagefolder_datamodule_with_split_folders(tmp_path: Path) -> None:
                 Image.new("RGB", (12, 12), (i * 20, 0, 0)).save(tmp_path / split / name / f"{i}.png")
     dm = ImageDataModule(
         name="imagefolder", root=str(tmp_path), image_size=8, channels=3, num_classes=2,
-        batch_size=4, eval_batch_size=3, train_size=8,
+        eval_batch_size=3, train_size=8,
     )
     dm.setup()
     assert (len(dm.train_set), len(dm.test_set)) == (8, 4)
     assert {dm.train_set[i][1] for i in range(8)} == {0, 1}  # a subset with both classes, not the first class
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = next(iter(step_loader(ImageBatches(dm.train_set), batch_size=4, num_steps=1, seed=0)))
     assert x.shape == (4, 3, 8, 8) and y.dtype == torch.int64
     ref, labels = dm.reference_images(4)
     assert ref.shape == (4, 3, 8, 8) and ref.dtype == torch.uint8 and labels.tolist() == [0, 0, 1, 1]
@@ -361,15 +360,33 @@ def test_datamodule_rejects_bad_config() -> None:
         ImageDataModule(name="fashion_mnist", channels=3)
     with pytest.raises(ValueError, match="data.root"):
         ImageDataModule(name="imagefolder")
-    dm = ImageDataModule(name="shapes", num_classes=4, batch_size=64, shapes_train_size=4096, train_size=32)
+    with pytest.raises(ValueError, match="data.num_workers"):
+        ImageDataModule(name="shapes", num_workers=-1)
+    dm = ImageDataModule(name="shapes", num_classes=4, shapes_train_size=4096, train_size=32)
     dm.setup()
-    with pytest.raises(ValueError, match="batch_size"):
-        dm.train_dataloader()
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        next(iter(step_loader(ImageBatches(dm.train_set), batch_size=64, num_steps=1, seed=0)))
 
 
-def test_datamodule_worker_settings() -> None:
-    dm = ImageDataModule(name="shapes", num_classes=4, batch_size=8, num_workers=2, shapes_train_size=16)
+def test_stage1_image_batches_in_worker_processes_equal_in_process_and_resume_exactly() -> None:
+    """data.num_workers moves batch building into worker processes; the seeded step schedule stays the same, and a
+    resumed loader (the sampler's start_step) continues with exactly the batches the full run had there."""
+    images = ImageBatches(ShapesDataset(num_samples=24, image_size=8, num_classes=4, seed=5))
+    in_process = list(step_loader(images, batch_size=5, num_steps=9, seed=3))  # 4 batches an epoch: 3 epochs
+    workers = step_loader(images, batch_size=5, num_steps=9, seed=3, num_workers=2)
+    assert workers.num_workers == 2
+    for (x, y), (x_ref, y_ref) in zip(list(workers), in_process, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    resumed = step_loader(images, batch_size=5, num_steps=9, seed=3, num_workers=2)
+    resumed.sampler.start_step = 6
+    for (x, y), (x_ref, y_ref) in zip(list(resumed), in_process[6:], strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert not any(torch.equal(in_process[0][0], x) for x, _ in in_process[1:])  # the batches differ at all
+
+
+def test_datamodule_eval_loaders_serve_the_test_split_in_order() -> None:
+    dm = ImageDataModule(name="shapes", num_classes=4, eval_batch_size=5, num_workers=2, shapes_test_size=12)
     dm.setup()
-    loader = dm.train_dataloader()  # not iterated: no worker processes are started
-    assert loader.persistent_workers and loader.drop_last and loader.num_workers == 2
-    assert not dm.test_dataloader().drop_last
+    loader = dm.test_dataloader()  # not iterated: no worker processes are started
+    assert loader.num_workers == 2 and loader.batch_size == 5 and not loader.drop_last
+    assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)

@@ -39,7 +39,7 @@ for pattern in (".*module\\(s\\) in eval mode.*", ".*manual optimization and eve
 SCALING_CALIBRATION_IMAGES = 1024
 
 # Data settings that change only how data is served, not which images a model sees.
-DATA_LOADING_KEYS = {"batch_size", "eval_batch_size", "num_workers", "download", "download_dir"}
+DATA_LOADING_KEYS = {"eval_batch_size", "num_workers", "download", "download_dir"}
 
 
 # --------------------------------------------------------------------------------------------- configuration
@@ -157,7 +157,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
                          perceptual_weight=train.perceptual_weight, disc_weight=train.disc_weight,
                          disc_start=train.disc_start, disc_width=train.disc_width, disc_layers=train.disc_layers)
     loader = step_loader(ImageBatches(dm.train_set), batch_size=train.batch_size, num_steps=train.max_steps,
-                         seed=cfg.seed)
+                         seed=cfg.seed, num_workers=cfg.data.num_workers)
     trainer = make_trainer(cfg, max_steps=stage1_trainer_steps(train.max_steps, train.disc_weight, train.disc_start),
                            ckpt_dir=work_dir, loggers=instantiate_dict(cfg.get("logger")),
                            callbacks=instantiate_dict(cfg.get("callbacks")))

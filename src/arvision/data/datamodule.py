@@ -24,10 +24,12 @@ _SHAPES_TEST_SEED_OFFSET = 1_000_000
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Train and test splits of one image dataset, as (images in [-1, 1], int64 labels) batches.
+    """Train and test splits of one image dataset, as (images in [-1, 1], int64 labels).
 
-    The validation loader is the test split: these datasets have no separate validation split, and validation
-    here only tracks losses and cheap metrics.
+    Training batches come from `arvision.data.tokens.step_loader` (seeded and resumable at any step), sized by
+    each stage's `train.batch_size`, with `num_workers` worker processes building them. The validation and
+    test loaders serve the test split in `eval_batch_size` batches: these datasets have no separate validation
+    split.
     """
 
     def __init__(
@@ -38,7 +40,6 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int = 32,
         channels: int = 1,
         num_classes: int = 10,
-        batch_size: int = 128,
         eval_batch_size: int = 500,
         num_workers: int = 0,
         download: bool = False,
@@ -59,12 +60,13 @@ class ImageDataModule(L.LightningDataModule):
             )
         if name == "imagefolder" and root is None:
             raise ValueError("data.name=imagefolder needs data.root=<folder with one sub-folder per class>")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 (load in this process) or a worker count, got {num_workers}")
         self.name = name
         self.root = root
         self.image_size = image_size
         self.channels = channels
         self.num_classes = num_classes
-        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.download = download
@@ -127,32 +129,17 @@ class ImageDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:size].tolist())
 
-    def _loader(self, dataset: Dataset | None, *, batch_size: int, train: bool) -> DataLoader:
-        if dataset is None:
+    def _eval_loader(self) -> DataLoader:
+        if self.test_set is None:
             raise RuntimeError("call setup() before asking ImageDataModule for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is not None and len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"the train split has {len(self.train_set)} images, fewer than data.batch_size={self.batch_size}, "
-                "so drop_last would leave no batch: lower data.batch_size or raise data.train_size"
-            )
-        return self._loader(self.train_set, batch_size=self.batch_size, train=True)
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, batch_size=self.eval_batch_size, train=False)
+        return self._eval_loader()
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, batch_size=self.eval_batch_size, train=False)
+        return self._eval_loader()
 
     def reference_images(self, n: int) -> tuple[Tensor, Tensor]:
         """The first `n` test images as uint8 (n, C, H, W) at the final size, with their labels (metric references)."""

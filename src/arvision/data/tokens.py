@@ -90,11 +90,19 @@ class StepSampler(Sampler[torch.Tensor]):
             yield perm[start:start + self.batch_size]
 
 
-def step_loader(dataset: Dataset, *, batch_size: int, num_steps: int, seed: int) -> DataLoader:
+def step_loader(dataset: Dataset, *, batch_size: int, num_steps: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Seeded, resumable batches of `dataset` (indexed by a tensor of indices, a whole batch per call).
+
+    `num_workers` > 0 builds batches in that many worker processes (stage 1: decoding and padding images). The
+    sampler stays in this process, so the batches and their order, and `start_step` on resumption, are the same
+    for any number of workers. Stage 2 serves its token cache with 0: one gather from tensors already in memory
+    per batch, which worker processes would only slow down by copying it between processes.
+    """
     sampler = StepSampler(len(dataset), batch_size=batch_size, num_steps=num_steps, seed=seed)
     # Its own generator: creating an iterator then draws its base seed from there, not from the global RNG
     # (which a resumed run has just restored and must leave untouched).
-    return DataLoader(dataset, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 class ImageBatches(Dataset):
