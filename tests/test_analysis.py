@@ -20,9 +20,10 @@ from arvision.analysis import (collect, fit_power_law, pareto_front, plot_pareto
                                render, scaling_fits, select_rows, sort_rows, table)
 from arvision.cli import table as table_cli
 from arvision.cli.common import config_dir
-from arvision.cli.evaluate import SFID_CHANNELS, EvalError, _inception_hint, reevaluate
-from arvision.cli.train import train
 from arvision.metrics import INCEPTION_WEIGHTS_FILE, MissingWeights
+from arvision.pipeline import run as train_run
+from arvision.reevaluate import SFID_CHANNELS, EvalError, inception_hint, reevaluate
+from arvision.results import SCHEMA_VERSION
 from tests.conftest import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "runs"
@@ -237,7 +238,7 @@ def tiny_run(tmp_path_factory):
     from tests.conftest import compose_train
     root = tmp_path_factory.mktemp("evalrun")
     cfg = compose_train(["debug=tiny", "data=shapes", "logger=none"], root)
-    train(cfg, root / "run")
+    train_run(cfg, root / "run")
     return root
 
 
@@ -245,7 +246,7 @@ def test_eval_appends_a_run_reevaluation_with_provenance(tiny_run):
     run, artifacts = tiny_run / "run", tiny_run / "artifacts"
     before = json.loads((run / "results.json").read_text())
     entry = reevaluate(eval_cfg(f"run={run}", f"paths.artifact_dir={artifacts}", "metrics.num_samples=12",
-                                "metrics.num_reference=32", "metrics.batch_size=6", "sample.cfg=1.0"))
+                                "metrics.num_reference=32", "metrics.batch_size=6", "+sample.cfg=1.0"))
     after = json.loads((run / "results.json").read_text())
     assert len(after["evaluations"]) == len(before.get("evaluations", [])) + 1
     saved = after["evaluations"][-1]
@@ -256,6 +257,9 @@ def test_eval_appends_a_run_reevaluation_with_provenance(tiny_run):
     assert saved["device"]["type"] == "cpu" and saved["metrics"]["peak_memory_mb"] is None
     assert saved["git_sha"] and saved["date"] and saved["versions"]["torch"]
     assert saved["settings"]["sample"]["cfg"] == 1.0 and saved["metrics"]["sampling_cost"]["rows_per_pass_factor"] == 1
+    assert saved["settings"]["sample"]["temperature"] == before["config"]["generator"]["sample"]["temperature"]
+    assert saved["metrics"]["nfe_per_image"] == saved["metrics"]["sampling_cost"]["passes"] == 64
+    assert after["schema_version"] == SCHEMA_VERSION
     assert saved["metrics"]["sfid"] == {"value": None, "unavailable": saved["metrics"]["sfid"]["unavailable"]}
     assert "Inception" in saved["metrics"]["sfid"]["unavailable"]
     assert saved["metrics"]["test_loss"]["value"] > 0 and saved["metrics"]["sample_img_per_s"]["value"] > 0
@@ -293,6 +297,8 @@ def test_eval_of_an_adm_npz_uses_its_labels_and_writes_beside_it(tiny_run, tmp_p
     assert entry["metrics"]["accuracy"]["unavailable"] == "the samples carry no labels"
     with pytest.raises(EvalError, match="data=<group>"):
         reevaluate(eval_cfg(f"npz={npz}"))
+    with pytest.raises(EvalError, match=r"sample.cfg: an .npz holds samples already drawn"):
+        reevaluate(eval_cfg(*overrides, "+sample.cfg=2.0"))
 
 
 def test_sfid_on_inception_spatial_features(tiny_run, tmp_path, monkeypatch):
@@ -332,6 +338,6 @@ def test_sfid_on_inception_spatial_features(tiny_run, tmp_path, monkeypatch):
 
 def test_missing_inception_weights_say_which_file_and_where(tmp_path, monkeypatch):
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-    message = _inception_hint(MissingWeights(f"Inception weights not found: put {INCEPTION_WEIGHTS_FILE} in …"))
+    message = inception_hint(MissingWeights(f"Inception weights not found: put {INCEPTION_WEIGHTS_FILE} in …"))
     assert INCEPTION_WEIGHTS_FILE in message and URL_INCEPTION_V3 in message
     assert "metrics.inception_weights" in message

@@ -12,10 +12,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from arvision import bench
-from arvision.cli.bench import resolve_device, run
+from arvision.bench import resolve_precision, run
 from arvision.cli.common import config_dir
 from arvision.generators import RasterGenerator
 from arvision.tokenizers.base import TokenSpec
+from arvision.utils.device import DeviceError, resolve_device
 from tests.conftest import cli_env
 
 
@@ -36,10 +37,11 @@ def test_bench_reports_training_and_sampling_with_and_without_cfg():
     assert train["mfu"] is None  # no peak FLOP/s is claimed for a CPU
     for key, cfg in (("sample_cfg", 2.0), ("sample_no_cfg", 1.0)):
         s = result[key]
-        assert s["cfg"] == cfg and s["network_evaluations"] == 8 * 8
+        assert s["cfg"] == cfg and s["network_evaluations"] == s["sampling_cost"]["passes"] == 8 * 8
         # decode is timed apart: including it can only lower the throughput
         assert 0 < s["img_per_s_decode_included"] < s["img_per_s_decode_excluded"]
     assert result["sample_cfg"]["sampling_cost"]["rows_per_pass_factor"] == 2
+    assert result["sample_no_cfg"]["sampling_cost"]["rows_per_pass_factor"] == 1
 
 
 def test_sampling_precision_is_set_apart_and_checked_before_any_timing(monkeypatch):
@@ -85,13 +87,43 @@ def test_cli_writes_json_and_prints_the_table(tmp_path):
                         capture_output=True, text=True, env=cli_env(tmp_path), timeout=240)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "b.json").exists() and "train img/s" in ok.stdout
+    absent = subprocess.run([sys.executable, "-m", "arvision.cli.bench", "bench_preset=cpu_tiny", "device=cuda:63",
+                             f"out={tmp_path / 'c.json'}", f"hydra.run.dir={tmp_path}"],
+                            capture_output=True, text=True, env=cli_env(tmp_path), timeout=240)
+    assert absent.returncode == 2 and absent.stderr.startswith("arvision: error: device=cuda:63")
+    assert absent.stderr.count("\n") == 1 and not (tmp_path / "c.json").exists()
 
 
 def test_a_missing_gpu_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="use device=cpu"):
-        resolve_device(compose_bench("device=cuda"))
-    assert resolve_device(compose_bench()) == (torch.device("cpu"), "fp32")
+    with pytest.raises(DeviceError, match="device=cuda needs a CUDA GPU and none is visible; use device=cpu"):
+        resolve_precision(compose_bench("device=cuda"))
+    assert resolve_precision(compose_bench()) == (torch.device("cpu"), "fp32")
+
+
+@pytest.mark.parametrize("name, expected", [("auto", "cpu"), ("cpu", "cpu")])
+def test_device_names_resolve_on_a_machine_without_cuda(name, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(name) == torch.device(expected)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cuda:1", "device=cuda:1 needs a CUDA GPU and none is visible"),
+    ("tpu", "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("meta", "device must be auto, cpu, cuda or cuda:N, got 'meta'")])
+def test_bad_or_absent_devices_are_one_line(name, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError) as err:
+        resolve_device(name)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_an_absent_gpu_index_names_the_ones_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match=r"device=cuda:2: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
 
 
 # FlowAR-S: 171.7M from its module shapes (reported 170M); ACDiT-B: 130M (the paper's Table 5 says 132M: within 2%).

@@ -19,11 +19,12 @@ from PIL import Image
 from arvision import pipeline
 from arvision.cli import sample as sample_cli
 from arvision.cli.common import config_dir
-from arvision.cli.train import train
+from arvision.export import EditError, export
 from arvision.generators.editing import (REGIONS, edit_images, editable_generators, known_on_grid, known_pixels,
                                          masked_preview, region)
 from arvision.generators.next_scale import NextScaleGenerator
 from arvision.generators.raster import RasterGenerator
+from arvision.pipeline import run as train
 from arvision.tokenizers.base import TokenSpec
 from arvision.tokenizers.msvq import MultiScaleVQTokenizer
 from arvision.tokenizers.vq import VQTokenizer
@@ -419,9 +420,10 @@ def sample_cfg(run: Path, *overrides: str):
 @pytest.mark.parametrize("kind,edit,mask,generated", [("raster", "inpaint", "center", 0.25),
                                                       ("var", "outpaint", "center", 0.75),
                                                       ("flexvar", "inpaint", "left", 0.5)])
-def test_cli_writes_the_edited_npz_and_the_grid(runs, kind, edit, mask, generated, capsys) -> None:
+def test_cli_writes_the_edited_npz_and_the_grid(runs, kind, edit, mask, generated) -> None:
     cfg = sample_cfg(runs[kind], f"edit={edit}", f"edit_mask={mask}", "num_samples=18", "batch_size=7")
-    out = sample_cli.export(cfg)
+    exported = export(cfg)
+    out = exported.path
     assert out == runs[kind] / f"edit_{edit}_{mask}_18.npz"
     npz = np.load(out)
     assert npz["images"].shape == (18, 32, 32, 1) and npz["images"].dtype == np.uint8
@@ -435,14 +437,14 @@ def test_cli_writes_the_edited_npz_and_the_grid(runs, kind, edit, mask, generate
     # rows original / masked / edited for 16 columns, then a second block for the last 2 (padded to 16)
     width, height = Image.open(out.with_suffix(".png")).size
     assert (width, height) == (16 * 34 + 2, 6 * 34 + 2)
-    assert "edit=" + edit in capsys.readouterr().out
-    again = np.load(sample_cli.export(cfg))
+    assert f"edit={edit} edit_mask={mask}" in exported.message
+    again = np.load(export(cfg).path)
     assert np.array_equal(again["images"], npz["images"])  # seeded
 
 
 def test_cli_names_the_generators_that_can_edit(runs, capsys) -> None:
-    with pytest.raises(sample_cli.EditError) as err:
-        sample_cli.export(sample_cfg(runs["flowar"], "edit=inpaint", "num_samples=4"))
+    with pytest.raises(EditError) as err:
+        export(sample_cfg(runs["flowar"], "edit=inpaint", "num_samples=4"))
     message = str(err.value)
     assert "\n" not in message and "flowar" in message
     assert all(name in message for name in editable_generators()) and editable_generators() == ["next_scale", "raster"]
@@ -451,5 +453,5 @@ def test_cli_names_the_generators_that_can_edit(runs, capsys) -> None:
     assert capsys.readouterr().err.count("arvision: error:") == 1
     for bad, match in [("edit=erase", "edit must be"), ("edit_mask=middle", "edit_mask must be"),
                        ("num_samples=100000", "test images")]:
-        with pytest.raises(sample_cli.EditError, match=match):
-            sample_cli.export(sample_cfg(runs["raster"], "edit=inpaint", bad))
+        with pytest.raises(EditError, match=match):
+            export(sample_cfg(runs["raster"], "edit=inpaint", bad))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -10,12 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from arvision import pipeline
-from arvision.cli.sample import export
-from arvision.cli.train import train
+from arvision.cli import evaluate as evaluate_cli
+from arvision.cli import sample as sample_cli
+from arvision.cli.common import config_dir
+from arvision.export import export
 from arvision.generators.base import IncompatibleTokenizer
+from arvision.reevaluate import reevaluate
+from arvision.results import SCHEMA_VERSION
 from arvision.tasks import GeneratorTask, NonFiniteLoss
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from tests.conftest import REPO, cli_env, compose_train
@@ -24,14 +31,16 @@ from tests.conftest import REPO, cli_env, compose_train
 def test_tiny_run_writes_results_with_provenance(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     run = tmp_path / "run"
-    results = train(cfg, run)
+    results = pipeline.run(cfg, run)
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["metrics"] == json.loads(json.dumps(results["metrics"]))
+    assert on_disk["schema_version"] == SCHEMA_VERSION
     gen, tok = results["metrics"]["generator"], results["metrics"]["tokenizer"]
     for name in ("fid", "is", "kid", "precision", "recall", "accuracy"):
         assert gen[name]["extractor"] == "classifier" and gen[name]["num_samples"] == cfg.metrics.num_samples
         assert np.isfinite(gen[name]["value"])
     assert 0.0 <= gen["accuracy"]["value"] <= 1.0 and gen["nfe_per_image"] == 64
+    assert gen["sampling_cost"] == {"passes": 64, "backbone_passes": 64, "head_passes": 0, "rows_per_pass_factor": 2}
     assert gen["sample_img_per_s"]["value"] > 0 and gen["params"] > 0
     assert gen["latency_img_per_s"]["value"] > 0 and gen["latency_img_per_s"]["batch_size"] == 1  # small-batch regime
     assert 0 < tok["usage"]["value"] <= 1 and tok["psnr"]["value"] > 0
@@ -52,11 +61,11 @@ def test_tiny_run_writes_results_with_provenance(tiny_cfg, tmp_path):
 
 
 def test_second_run_reuses_the_tokenizer_artifact(tiny_cfg, tmp_path, monkeypatch):
-    train(tiny_cfg(), tmp_path / "a")
+    pipeline.run(tiny_cfg(), tmp_path / "a")
     artifacts = list((tmp_path / "artifacts" / "tokenizer").iterdir())
     monkeypatch.setattr(pipeline, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained twice"))
     cfg = tiny_cfg("generator.model.depth=1")  # a different generator, the same tokenizer
-    results = train(cfg, tmp_path / "b")
+    results = pipeline.run(cfg, tmp_path / "b")
     assert list((tmp_path / "artifacts" / "tokenizer").iterdir()) == artifacts
     assert Path(results["tokenizer_artifact"]).name in {p.name for p in artifacts}
 
@@ -70,7 +79,7 @@ def test_incompatible_pair_fails_before_any_training(tiny_cfg, tmp_path, monkeyp
     monkeypatch.setattr(pipeline, "build_tokenizer", lambda cfg, dm: ContinuousStub())
     monkeypatch.setattr(pipeline, "train_tokenizer", lambda *a, **k: pytest.fail("trained before checking the pair"))
     with pytest.raises(IncompatibleTokenizer, match=r"raster needs .*tokenizer=vq.*got tokenizer=vae"):
-        train(tiny_cfg(), tmp_path / "run")
+        pipeline.run(tiny_cfg(), tmp_path / "run")
     assert not (tmp_path / "artifacts" / "tokenizer").exists()
 
 
@@ -80,7 +89,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_run_resumes_to_the_same_weights(tiny_cfg, tmp_path, monkeypatch):
     overrides = ("generator.train.max_steps=8", "checkpoint_every=4", "evaluate=false")
-    train(tiny_cfg(*overrides), tmp_path / "straight")
+    pipeline.run(tiny_cfg(*overrides), tmp_path / "straight")
 
     original = GeneratorTask.training_step
 
@@ -91,11 +100,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cfg, tmp_path, monkeypatch)
 
     monkeypatch.setattr(GeneratorTask, "training_step", crash_at_step_6)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_cfg(*overrides), tmp_path / "resumed")
+        pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")
     assert (tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt").exists()
     assert not (tmp_path / "resumed" / "generator.pt").exists()
     monkeypatch.setattr(GeneratorTask, "training_step", original)
-    resumed = train(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from step 4
+    resumed = pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from step 4
     stage2 = resumed["costs"]
     assert stage2["stage2_img_per_s"] == pytest.approx(4 * 16 / stage2["stage2_seconds"])  # only the 4 steps it ran
 
@@ -118,25 +127,59 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_cfg, tm
 
     monkeypatch.setattr(GeneratorTask, "training_step", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"nan at step 4"):
-        train(tiny_cfg("generator.train.max_steps=8", "checkpoint_every=3"), tmp_path / "run")
+        pipeline.run(tiny_cfg("generator.train.max_steps=8", "checkpoint_every=3"), tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
-def test_sample_export_is_adm_layout_and_class_balanced(tiny_cfg, tmp_path):
-    train(tiny_cfg("evaluate=false"), tmp_path / "run")
-    cfg = compose_train([], tmp_path)  # only for the structure; the sample config is plain
-    from omegaconf import OmegaConf
-    sample_cfg = OmegaConf.create({"run": str(tmp_path / "run"), "num_samples": 12, "out": str(tmp_path / "s.npz"),
-                                   "batch_size": 5, "seed": 3, "ema": True, "sample": {"cfg": 1.5}})
-    out = export(sample_cfg)
-    npz = np.load(out)
+def sample_config(run: Path, *overrides: str) -> DictConfig:
+    """arvision-sample's config as its command line composes it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="sample", overrides=[f"run={run}", *overrides])
+
+
+def compose_eval(*overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides))
+
+
+def test_sample_export_is_adm_layout_class_balanced_and_takes_sampling_overrides(tiny_cfg, tmp_path, capsys):
+    pipeline.run(tiny_cfg("evaluate=false"), tmp_path / "run")
+    cfg = sample_config(tmp_path / "run", "num_samples=12", f"out={tmp_path / 's.npz'}", "batch_size=5", "seed=3",
+                        "+sample.cfg=1.5")
+    exported = export(cfg)
+    npz = np.load(exported.path)
     assert npz["arr_0"].shape == (12, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
     assert np.bincount(npz["labels"], minlength=4).tolist() == [3, 3, 3, 3]
-    again = np.load(export(sample_cfg))
+    assert "'cfg': 1.5" in exported.message and "'temperature': 0.9" in exported.message  # override + run's own
+    again = np.load(export(cfg).path)
     assert np.array_equal(again["arr_0"], npz["arr_0"])  # seeded
-    del cfg
+    sample_cli.main.__wrapped__(cfg)  # the CLI prints the export's line (its img/s is measured anew)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {exported.path}: 12 samples, ") and printed.count("\n") == 1
+    assert printed.rstrip().endswith(exported.message.split(" img/s")[1])
+
+
+def test_a_sampling_override_the_generator_lacks_fails_before_any_work(tiny_cfg, tmp_path, monkeypatch, capsys):
+    pipeline.run(tiny_cfg("evaluate=false"), tmp_path / "run")
+    settings = ", ".join(json.loads((tmp_path / "run" / "results.json").read_text())
+                         ["config"]["generator"]["sample"])
+    expected = f"sample.cgf is not a sampling setting of generator=raster; its settings: {settings}"
+    monkeypatch.setattr(pipeline, "load_tokenizer", lambda *a, **k: pytest.fail("weights read before the check"))
+    cfg = sample_config(tmp_path / "run", "+sample.cgf=1.5")
+    with pytest.raises(pipeline.ConfigError) as err:
+        export(cfg)
+    assert str(err.value) == expected and settings.startswith("cfg, temperature, top_k, top_p")
+    eval_cfg = compose_eval(f"run={tmp_path / 'run'}", "+sample.cgf=1.5", "+sample.cfg=1.0")
+    with pytest.raises(pipeline.ConfigError, match=r"^sample\.cgf is not a sampling setting of generator=raster"):
+        reevaluate(eval_cfg)
+    for main, config in ((sample_cli.main, cfg), (evaluate_cli.main, eval_cfg)):  # the CLIs: that one line
+        with pytest.raises(SystemExit):
+            main.__wrapped__(config)
+        assert capsys.readouterr().err.strip() == f"arvision: error: {expected}"
 
 
 def test_missing_dataset_is_one_line_that_says_how_to_get_it(tmp_path, monkeypatch):
@@ -189,7 +232,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
 
 def test_continuous_tokenizer_artifact_stores_a_calibrated_scaling_factor(tiny_cfg, tmp_path):
     cfg = tiny_cfg("tokenizer=vae", "train_generator=false", "evaluate=false")
-    results = train(cfg, tmp_path / "run")
+    results = pipeline.run(cfg, tmp_path / "run")
     artifact = Path(results["tokenizer_artifact"])
     meta = json.loads((artifact / "meta.json").read_text())
     tokenizer = pipeline.load_tokenizer(artifact)
@@ -201,7 +244,7 @@ def test_continuous_tokenizer_artifact_stores_a_calibrated_scaling_factor(tiny_c
 
 @pytest.mark.parametrize("tokenizer", ["rvq", "msvq", "vae", "lfq"])
 def test_every_tokenizer_trains_and_is_evaluated_through_stage_1(tokenizer, tiny_cfg, tmp_path):
-    results = train(tiny_cfg(f"tokenizer={tokenizer}", "train_generator=false"), tmp_path / "run")
+    results = pipeline.run(tiny_cfg(f"tokenizer={tokenizer}", "train_generator=false"), tmp_path / "run")
     tok = results["metrics"]["tokenizer"]
     assert np.isfinite(tok["psnr"]["value"]) and np.isfinite(tok["rfid"]["value"])
     assert ("usage" in tok) == (results["spec"]["kind"] == "discrete")
@@ -213,11 +256,61 @@ def test_every_tokenizer_trains_and_is_evaluated_through_stage_1(tokenizer, tiny
 
 @pytest.mark.parametrize("depth_mode, shared", [("flatten", True), ("head", True), ("flatten", False)])
 def test_rvq_tokens_train_the_raster_generator_in_both_depth_modes(depth_mode, shared, tiny_cfg, tmp_path):
-    results = train(tiny_cfg("tokenizer=rvq", "tokenizer.model.depth=2", f"tokenizer.model.shared_codebook={shared}",
-                             f"generator.model.depth_mode={depth_mode}"), tmp_path / "run")
+    results = pipeline.run(tiny_cfg("tokenizer=rvq", "tokenizer.model.depth=2",
+                                    f"tokenizer.model.shared_codebook={shared}",
+                                    f"generator.model.depth_mode={depth_mode}"), tmp_path / "run")
     assert results["spec"]["layout"] == "depth" and results["spec"]["depth"] == 2
     assert results["spec"]["shared_codebook"] is shared
     # flattened: one pass per code; depth head: one spatial pass per position + one head pass per code
     expected = 8 * 8 * 2 if depth_mode == "flatten" else 8 * 8 + 8 * 8 * 2
     assert results["metrics"]["generator"]["nfe_per_image"] == expected
     assert np.load(tmp_path / "run" / "samples.npz")["arr_0"].shape[1:] == (32, 32, 1)
+
+
+# --------------------------------------------------------------------------------------------- cli/ stays thin
+CLI = REPO / "src" / "arvision" / "cli"
+HELPER_MAX_LINES = 25  # a cli helper declares arguments or formats; anything longer is library work
+WORK_MODULES = {"torch", "lightning", "numpy"}  # a cli module that needs these is doing the work itself
+
+
+def _imported_modules(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "arvision.cli":  # `from arvision.cli import sample`
+                names |= {f"arvision.cli.{alias.name}" for alias in node.names}
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(CLI.glob("*.py")), ids=lambda p: p.name)
+def test_cli_modules_parse_call_and_print_only(path):
+    """Each entry point parses, calls one library function and prints: no cli module imports another (common
+    aside), defines a class, loops, reaches for torch/lightning/numpy or has a helper longer than a few lines."""
+    tree = ast.parse(path.read_text())
+    imported = _imported_modules(tree)
+    assert {m for m in imported if m.startswith("arvision.cli.")} <= {"arvision.cli.common"}, path.name
+    assert not {m.split(".")[0] for m in imported} & WORK_MODULES, path.name
+    if path.name in ("__init__.py", "common.py"):
+        return
+    assert not [n.name for n in tree.body if isinstance(n, ast.ClassDef)], path.name
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While, ast.comprehension))], path.name
+    functions = {n.name: n.end_lineno - n.lineno + 1 for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "main" in functions, path.name
+    assert all(lines <= HELPER_MAX_LINES for name, lines in functions.items() if name != "main"), functions
+
+
+@pytest.mark.parametrize("body", [
+    "from arvision.cli.sample import load_run\n",      # a library function kept in another cli module
+    "import lightning as L\n",                          # training in the entry point
+    "class EvalError(ValueError):\n    pass\n",        # a library error defined in cli/
+    "def rows(entry):\n    return [k for k in entry]\n",  # a loop over results
+    "def train(cfg):\n" + "    x = 1\n" * 30,          # a long helper: the run itself
+])
+def test_the_thin_cli_check_catches_orchestration(body, tmp_path):
+    fat = tmp_path / "fat.py"
+    fat.write_text(body + "\n\ndef main():\n    pass\n")
+    with pytest.raises(AssertionError):
+        test_cli_modules_parse_call_and_print_only(fat)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from arvision.results import SCHEMA_VERSION
 from tests.conftest import cli_env
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -43,6 +44,11 @@ def test_joblib_launcher_runs_the_sweep_jobs_in_parallel_processes(tmp_path):
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
     results = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
     assert sorted(r["spec"]["vocab_size"] for r in results) == [16, 32]
+    # each job's record: the current schema, and the overrides that rerun that job alone
+    assert {r["schema_version"] for r in results} == {SCHEMA_VERSION}
+    for r in results:
+        assert f"tokenizer.model.vocab_size={r['spec']['vocab_size']}" in r["overrides"] and "debug=tiny" in r[
+            "overrides"]
     launchers = {yaml.safe_load(p.read_text())["hydra"]["launcher"]["_target_"] for p in sweep.rglob("hydra.yaml")}
     assert launchers == {"hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"}
 

@@ -1,6 +1,8 @@
 """Evaluation of a run: tokenizer reconstructions, generated samples, sampling cost.
 
-Every metric is stored with the feature extractor and the number of samples that produced it.
+Every metric is stored with the feature extractor and the number of samples that produced it. Sampling speed is
+timed by `arvision.metrics.speed.timed` (warm-up excluded, device synchronised), as arvision-bench times it;
+re-evaluation of a finished run is `arvision.reevaluate`.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from arvision.generators.base import Generator
 from arvision.metrics import (ClassifierExtractor, ClassifierNet, CodebookUsage, FeatureExtractor, GenerationMetrics,
-                              InceptionExtractor, count_parameters, psnr, ssim, train_classifier)
+                              InceptionExtractor, count_parameters, psnr, ssim, timed, train_classifier)
+from arvision.results import metric
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache
-from arvision.utils.results import metric
 
 log = logging.getLogger("arvision")
 
@@ -127,23 +129,27 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_images(generator: Generator, tokenizer: Tokenizer, labels: torch.Tensor, *, batch_size: int,
                   seed: int, **sampling: Any) -> tuple[torch.Tensor, float]:
-    """Generate and decode images for `labels`; returns images in [-1, 1] and the timed seconds.
+    """Generate and decode images for `labels`; returns images in [-1, 1] (on the CPU) and the timed seconds.
 
-    One small batch runs first as warm-up and is excluded from the timing.
+    One small batch runs first as warm-up and is excluded from the timing; each batch of `batch_size` is timed.
     """
     device = next(generator.parameters()).device  # sample where the model is (the RNG must live there too)
     tokenizer.to(device)
     labels = labels.to(device)
     rng = torch.Generator(device=device).manual_seed(seed)
-    tokenizer.decode(generator.sample(labels[: min(4, len(labels))],
-                                      generator=torch.Generator(device=device).manual_seed(seed), **sampling))
-    chunks = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for chunk in labels.split(batch_size):
-        chunks.append(tokenizer.decode(generator.sample(chunk, generator=rng, **sampling)).clamp(-1, 1).cpu())
-    return torch.cat(chunks), time.perf_counter() - start
+    batches = labels.split(batch_size)
+    pending = iter(batches)
+    chunks: list[torch.Tensor] = []
+
+    def warm_up() -> None:
+        tokenizer.decode(generator.sample(labels[: min(4, len(labels))],
+                                          generator=torch.Generator(device=device).manual_seed(seed), **sampling))
+
+    def next_batch() -> None:
+        chunks.append(tokenizer.decode(generator.sample(next(pending), generator=rng, **sampling)).clamp(-1, 1).cpu())
+
+    seconds = timed(next_batch, warmup=1, warmup_fn=warm_up, repeats=len(batches), device=device)
+    return torch.cat(chunks), sum(seconds)
 
 
 def latency(generator: Generator, tokenizer: Tokenizer, labels: torch.Tensor, *, batch_size: int, repeats: int,
@@ -152,20 +158,12 @@ def latency(generator: Generator, tokenizer: Tokenizer, labels: torch.Tensor, *,
     the latency-bound regime where the number of sequential passes decides (VAR's speed claim), unlike the
     throughput of the large evaluation batches."""
     device = next(generator.parameters()).device
-    batch = labels[:batch_size]
+    batch = labels[:batch_size].to(device)
     rng = torch.Generator(device=device).manual_seed(seed)
-    times = []
-    for i in range(repeats + 1):  # the first is warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        tokenizer.decode(generator.sample(batch.to(device), generator=rng, **sampling))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return metric(len(batch) / statistics.median(times), device=str(device), batch_size=len(batch), repeats=repeats,
-                  **sampling)
+    seconds = timed(lambda: tokenizer.decode(generator.sample(batch, generator=rng, **sampling)), warmup=1,
+                    repeats=repeats, device=device)
+    return metric(len(batch) / statistics.median(seconds), device=str(device), batch_size=len(batch),
+                  repeats=repeats, **sampling)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -190,7 +188,8 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
                        cfg: DictConfig, out_dir: Path | None = None) -> tuple[dict[str, Any], torch.Tensor,
                                                                                torch.Tensor]:
     m = cfg.metrics
-    sampling = dict(cfg.generator.sample)
+    sampling = OmegaConf.to_container(cfg.generator.sample, resolve=True)
+    cost = generator.sampling_cost(**sampling)
     labels = balanced_labels(m.num_samples, dm.num_classes)
     started = time.perf_counter()
     images, seconds = sample_images(generator, tokenizer, labels, batch_size=m.batch_size, seed=m.seed,
@@ -215,10 +214,8 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
         out["latency_img_per_s"] = latency(generator, tokenizer, labels, batch_size=m.latency_batch_size,
                                            repeats=m.get("latency_repeats", 3), seed=m.seed, **sampling)
         stage_seconds["latency"] = time.perf_counter() - started
-    out["nfe_per_image"] = generator.network_evaluations(sampling.get("cfg", 1.0))
-    cost = getattr(generator, "sampling_cost", None)
-    if cost is not None:  # passes split into backbone and head where a paradigm has both
-        out["sampling_cost"] = cost(sampling.get("cfg", 1.0))
+    out["nfe_per_image"] = cost.passes
+    out["sampling_cost"] = cost.to_dict()  # passes split into backbone and head where a paradigm has both
     out["params"] = count_parameters(generator)
     n_test = min(m.num_reference, len(dm.test_set))  # held-out loss: the y-axis of scaling-law fits
     started = time.perf_counter()

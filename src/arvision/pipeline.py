@@ -1,24 +1,32 @@
 """One run, end to end: data → tokenizer artifact (stage 1) → token cache → generator (stage 2) → evaluation.
 
-The CLI entry points are thin wrappers over these functions; tests and notebooks call them directly.
+`run(cfg, run_dir)` is arvision-train: it owns the run, times each stage and writes results.json (through
+`arvision.results`). `load_run` opens a finished run for arvision-eval and arvision-sample, with the sampling
+settings a command overrides checked against the run's own. The CLI entry points are thin wrappers over these
+functions; tests and notebooks call them directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from arvision.data.tokens import (ImageBatches, TokenDataset, cat_tokens, compact, step_loader)
+from arvision.evaluation import evaluate_generator, evaluate_tokenizer, get_extractor, reference_metrics
 from arvision.generators.base import Generator
+from arvision.results import RunRecord, git_sha, now, read_results, versions, write_results
 from arvision.tasks import GeneratorTask, TokenizerTask
 from arvision.tasks.resume import completed_steps
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
@@ -164,7 +172,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
     log.info("stage 1: training tokenizer=%s for %d steps", cfg.tokenizer.name, train.max_steps)
     seconds, steps_run = fit(trainer, task, loader, work_dir / "last.ckpt")
     calibration: dict[str, float] = {}
-    if hasattr(tokenizer, "calibrate_scaling"):
+    if tokenizer.has_scaling_factor:
         # Continuous tokenizers: unit-variance latents for stage 2 (LDM), measured once on training images.
         n = min(len(dm.train_set), SCALING_CALIBRATION_IMAGES)
         images = torch.utils.data.DataLoader(torch.utils.data.Subset(dm.train_set, range(n)),
@@ -267,3 +275,131 @@ def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> 
 
 def world_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+# --------------------------------------------------------------------------------------------- the run
+def group_choices() -> dict[str, str]:
+    """The Hydra group choices of this job (tokenizer=vq, …); empty when composed outside @hydra.main (tests)."""
+    try:
+        choices = HydraConfig.get().runtime.choices
+        return {k: v for k, v in choices.items() if not k.startswith("hydra") and v is not None}
+    except ValueError:
+        return {}
+
+
+def task_overrides() -> list[str] | None:
+    """This job's command-line overrides (a sweep job's own values included), so a results.json says how to rerun
+    it; None when the config was composed outside `@hydra.main` (tests, scripts)."""
+    try:
+        return [str(item) for item in HydraConfig.get().overrides.task]
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def stage(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall-clock seconds of the block to `stages[name]` (a cache hit shows as the time to load it)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
+
+
+def run(cfg: DictConfig, run_dir: Path) -> RunRecord:
+    """The whole run; returns the run record (also written to `run_dir/results.json`)."""
+    started = time.perf_counter()
+    stages: dict[str, float] = {}  # wall-clock per stage of this run → costs.stage_seconds
+    cfg = finalize_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    cache = ArtifactCache(cfg.paths.artifact_dir)
+
+    # Everything that can be wrong with the request fails here, before any training.
+    with stage(stages, "setup"):
+        check_machine(cfg)
+        dm = build_datamodule(cfg)
+        probe = build_tokenizer(cfg, dm)
+        if cfg.train_generator:
+            build_generator(cfg, probe, dm.num_classes)
+    with stage(stages, "feature_extractor"):
+        extractor, extractor_info = (get_extractor(cfg, dm, cache, classifier_key(cfg)) if cfg.evaluate
+                                     else (None, {}))
+
+    results = RunRecord(
+        run_dir=str(run_dir), started=now(), choices=group_choices(), overrides=task_overrides(),
+        tokenizer=cfg.tokenizer.name,
+        generator=cfg.generator.name if cfg.train_generator else None, data=cfg.data.name, seed=cfg.seed,
+        tags=list(cfg.tags), config=OmegaConf.to_container(cfg, resolve=True), versions=versions(),
+        git_sha=git_sha(), feature_extractor=extractor_info, metrics={}, costs={})
+    with stage(stages, "tokenizer_train"):
+        tokenizer, tokenizer_dir = get_tokenizer(cfg, dm, cache)
+    tok_meta = ArtifactCache.meta(tokenizer_dir)
+    results["tokenizer_artifact"] = str(tokenizer_dir)
+    results["spec"] = tokenizer.spec.to_dict()
+    results["costs"]["stage1_img_per_s"] = tok_meta["train_img_per_s"]
+    results["costs"]["stage1_seconds"] = tok_meta["train_seconds"]
+    if cfg.evaluate:
+        with stage(stages, "tokenizer_eval"):
+            results["metrics"]["tokenizer"] = evaluate_tokenizer(tokenizer, dm, extractor, cfg, run_dir)
+
+    if cfg.train_generator:
+        with stage(stages, "encode"):
+            tokens, labels = get_token_cache(cfg, tokenizer, tokenizer_dir, dm, cache)
+        with stage(stages, "generator_train"):
+            stage2 = train_generator(cfg, tokenizer, tokens, labels, dm.num_classes, run_dir)
+        results["costs"]["stage2_img_per_s"] = stage2.steps * stage2.batch_size / max(stage2.seconds, 1e-9)
+        results["costs"]["stage2_seconds"] = stage2.seconds
+        if cfg.evaluate:
+            with stage(stages, "reference_stats"):  # real-image features of the test split
+                reference = reference_metrics(extractor, dm, min(cfg.metrics.num_reference, len(dm.test_set)), cfg)
+            with stage(stages, "generator_eval"):  # what the entries below leave: grids, npz
+                generator = stage2.task.sampler().eval()
+                metrics, _, _ = evaluate_generator(generator, tokenizer, dm, reference, cfg, run_dir)
+            for name, seconds in metrics.pop("stage_seconds").items():  # sampling, metrics, latency, test_loss
+                stages[f"generator_{name}"] = seconds
+                stages["generator_eval"] -= seconds
+            results["metrics"]["generator"] = metrics
+    results["costs"]["stage_seconds"] = {name: round(seconds, 3) for name, seconds in stages.items()}
+    results["costs"]["total_seconds"] = time.perf_counter() - started
+    results["finished"] = now()
+    write_results(run_dir, results)
+    return results
+
+
+# --------------------------------------------------------------------------------------------- a finished run
+def sample_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The sampling settings a command gives on its command line (`+sample.cfg=1.5`: its `sample` block)."""
+    return OmegaConf.to_container(cfg.sample, resolve=True) if cfg.get("sample") else {}
+
+
+def sampling_settings(run_sample: Mapping[str, Any], overrides: Mapping[str, Any], *,
+                      generator: str | None) -> dict[str, Any]:
+    """The run's `generator.sample` settings with `overrides` (a command's `+sample.<key>=…`) applied; a key the
+    run's generator does not sample with is refused with its list of settings (a typo would otherwise be
+    ignored, or reach the generator as an unknown keyword)."""
+    unknown = [key for key in overrides if key not in run_sample]
+    if unknown:
+        names = ", ".join(f"sample.{key}" for key in unknown)
+        verb = "is not a sampling setting" if len(unknown) == 1 else "are not sampling settings"
+        raise ConfigError(f"{names} {verb} of generator={generator}; its settings: {', '.join(run_sample)}")
+    return {**run_sample, **overrides}
+
+
+@dataclass
+class FinishedRun:
+    results: RunRecord
+    tokenizer: Tokenizer
+    generator: Generator
+    sampling: dict[str, Any]  # the run's generator.sample settings with the command's overrides
+
+
+def load_run(run_dir: str | Path, *, ema: bool = True, overrides: Mapping[str, Any] | None = None) -> FinishedRun:
+    """A finished run directory's record, tokenizer and generator (EMA weights by default); the sampling
+    `overrides` are checked against the run's settings before any weights are read."""
+    results = read_results(run_dir)
+    run_sample = results["config"]["generator"]["sample"]
+    sampling = sampling_settings(run_sample, overrides or {}, generator=results["config"]["generator"]["name"])
+    tokenizer = load_tokenizer(Path(results["tokenizer_artifact"]))
+    generator = load_generator(Path(run_dir), tokenizer, ema=ema)
+    return FinishedRun(results=results, tokenizer=tokenizer, generator=generator, sampling=sampling)

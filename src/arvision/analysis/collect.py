@@ -16,13 +16,14 @@ Column families (all flat, dotted names):
   (1 / sampling img/s), `tokens_per_image` and `train_compute` (≈ 6·N·D FLOPs, Kaplan et al. 2020, with N the
   generator's parameters and D the tokens it was trained on).
 
+Files are read through `arvision.results` (older layouts upgraded, newer ones refused).
+
 `collect(dir, evaluations="rows")` instead gives one row per (run, evaluation) plus the training-time row, with
 a `source` column ("train" or the evaluation's date), for comparing sample counts or extractors.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import yaml
+
+from arvision.results import RESULTS_FILE, read_results
 
 # Paradigm family of each generator, as the VAR paper's Table 1 names them (documented in notebooks/README.md).
 PARADIGM_TYPES = {
@@ -212,8 +215,8 @@ def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "lates
     if not Path(root).is_dir():
         raise FileNotFoundError(f"no runs directory {root}")
     rows = []
-    for path in sorted(Path(root).rglob("results.json")):
-        results = json.loads(path.read_text())
+    for path in sorted(Path(root).rglob(RESULTS_FILE)):
+        results = read_results(path.parent)
         base = _run_row(path, results)
         entries = results.get("evaluations", [])
         if evaluations == "latest":

@@ -23,27 +23,10 @@ def config_dir() -> str:
     raise SystemExit("arvision: conf/ not found; install from the repository (pip install -e .) or set ARVISION_CONF")
 
 
-def task_overrides() -> list[str] | None:
-    """This job's command-line overrides (a sweep job's own values included), so a results.json says how to rerun
-    it; None when the config was composed outside `@hydra.main` (tests, scripts)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return [str(item) for item in HydraConfig.get().overrides.task]
-    except ValueError:
-        return None
-
-
 def fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit, instead of a traceback for user errors."""
     print(f"arvision: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def value(entry) -> float | None:
-    if isinstance(entry, dict):
-        return entry.get("value")
-    return entry
 
 
 def print_table(title: str, rows: list[dict[str, object]]) -> None:

@@ -12,7 +12,7 @@ from arvision.metrics.extractors import (
 )
 from arvision.metrics.generation import GenerationMetrics, frechet_distance
 from arvision.metrics.reconstruction import CodebookUsage, psnr, ssim, to_uint8, usage_and_perplexity
-from arvision.metrics.speed import count_parameters, measure_throughput
+from arvision.metrics.speed import count_parameters, peak_memory, timed
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",
@@ -26,9 +26,10 @@ __all__ = [
     "count_parameters",
     "find_inception_weights",
     "frechet_distance",
-    "measure_throughput",
+    "peak_memory",
     "psnr",
     "ssim",
+    "timed",
     "to_uint8",
     "train_classifier",
     "usage_and_perplexity",

@@ -1,45 +1,50 @@
-"""Cost metrics: wall-clock throughput of a callable and parameter counts."""
+"""Cost metrics: the one timing function every speed number goes through, peak memory and parameter counts."""
 
 from __future__ import annotations
 
-import platform
+import contextlib
+import resource
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from arvision.utils.device import synchronize
 
-def measure_throughput(fn: Callable[[], Any], *, num_images: int, warmup: int = 1, repeats: int = 1) -> dict:
-    """Time `repeats` calls of `fn`, each producing `num_images` images, after `warmup` untimed calls.
 
-    Returns `img_per_s`, `seconds` (mean per call), `device` ("cuda" or "cpu"), `device_name`, `num_images`,
-    `repeats` and `peak_memory_mb` (peak CUDA memory allocated during the timed calls; None on CPU). CUDA is
-    synchronised around the timed region so that queued kernels are counted.
+def timed(fn: Callable[[], Any], *, warmup: int, repeats: int, device: torch.device,
+          warmup_fn: Callable[[], Any] | None = None) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, after `warmup` untimed calls.
+
+    The warm-up calls are `warmup_fn` when given (a cheaper call on the same path, e.g. a small batch, when `fn`
+    does a different piece of work each call) and `fn` otherwise. Each timed call ends with a device
+    synchronisation, so queued GPU work is counted in full.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1; got {repeats}")
-    cuda = torch.cuda.is_available()
     for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+        (warmup_fn or fn)()
+    synchronize(device)
+    seconds = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return {
-        "img_per_s": num_images * repeats / elapsed,
-        "seconds": elapsed / repeats,
-        "device": "cuda" if cuda else "cpu",
-        "device_name": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
-        "num_images": num_images,
-        "repeats": repeats,
-        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-    }
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, out: dict[str, Any]) -> Iterator[None]:
+    """Records the block's peak memory in MiB: out['peak_memory_mib'] on CUDA (the allocator's peak during the
+    block), out['peak_rss_mib'] on the CPU (the process's peak RSS so far)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    if device.type == "cuda":
+        out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
@@ -47,4 +52,4 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["count_parameters", "measure_throughput"]
+__all__ = ["count_parameters", "peak_memory", "timed"]
