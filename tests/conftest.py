@@ -51,3 +51,33 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env.update(ARVISION_ROOT=str(tmp_path), ARVISION_ARTIFACTS=str(tmp_path / "artifacts"), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     return env
+
+
+def untrained_test_loss(cfg: DictConfig, results: dict) -> float:
+    """The held-out loss of a run's generator at its initial weights (the seed's, on the run's tokenizer artifact,
+    the same test images and seeded noise): what a trained generator's `test_loss` must beat."""
+    from arvision import evaluation, pipeline  # Lightning: only for the tests that train
+
+    cfg = pipeline.finalize_config(cfg)
+    dm = pipeline.build_datamodule(cfg)
+    tokenizer = pipeline.load_tokenizer(Path(results["tokenizer_artifact"]))
+    torch.manual_seed(cfg.seed)
+    generator = pipeline.build_generator(cfg, tokenizer, dm.num_classes).eval()
+    m = cfg.metrics
+    return evaluation.test_loss(generator, dm, num_images=min(m.num_reference, len(dm.test_set)),
+                                batch_size=m.batch_size, seed=m.seed, device=torch.device("cpu"))
+
+
+def untrained_psnr(cfg: DictConfig) -> float:
+    """Mean PSNR of decode(encode(x)) on the test images a run evaluates, with the tokenizer's initial weights:
+    what a trained tokenizer's `psnr` must beat."""
+    from arvision import pipeline
+    from arvision.metrics import psnr
+
+    cfg = pipeline.finalize_config(cfg)
+    dm = pipeline.build_datamodule(cfg)
+    torch.manual_seed(cfg.seed)
+    tokenizer = pipeline.build_tokenizer(cfg, dm).eval()
+    images = dm.reference_images(min(cfg.metrics.num_reference, len(dm.test_set)))[0].float() / 127.5 - 1
+    with torch.no_grad():
+        return psnr(tokenizer.decode(tokenizer.encode(images)), images).mean().item()
