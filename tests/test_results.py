@@ -6,9 +6,12 @@ import json
 
 import pytest
 
+from arvision.utils.instantiate import instantiate
+
 from arvision.analysis import collect
 from arvision.results import (SCHEMA_VERSION, ResultsError, RunRecord, append_evaluation, check_record, metric,
                               read_results, unavailable, write_results)
+from arvision.utils.instantiate import instantiate
 from tests.conftest import REPO
 
 FIXTURE = REPO / "tests" / "fixtures" / "runs"
@@ -76,7 +79,9 @@ def test_files_written_before_schema_version_are_read_and_appended_to(path, tmp_
     raw.pop("schema_version", None)
     (tmp_path / "results.json").write_text(json.dumps(raw))
     upgraded = read_results(tmp_path)
-    assert upgraded == {**raw, "schema_version": SCHEMA_VERSION}
+    data = {k: v for k, v in raw["config"]["data"].items() if k != "batch_size"}  # a key the datamodule dropped
+    assert upgraded == {**raw, "config": {**raw["config"], "data": data}, "schema_version": SCHEMA_VERSION}
+    instantiate(upgraded["config"]["data"])  # an old run's data config still builds its datamodule
     check_record(upgraded)
     append_evaluation(tmp_path, {"date": "2026-01-02", "metrics": {"fid": metric(1.0)}}, new=RunRecord())
     again = read_results(tmp_path)

@@ -192,8 +192,14 @@ def check_record(record: RunRecord) -> None:
 
 
 def _from_version_0(record: dict[str, Any]) -> dict[str, Any]:
-    """Files from before `schema_version`: the same fields."""
-    return {**record, "schema_version": 1}
+    """Files from before `schema_version`: the same fields, but their data config may still hold `batch_size`,
+    which chose only how images were served and which the datamodule no longer takes (training batches are each
+    stage's `train.batch_size`)."""
+    record = {**record, "schema_version": 1}
+    data = (record.get("config") or {}).get("data")
+    if isinstance(data, dict) and "batch_size" in data:
+        record["config"] = {**record["config"], "data": {k: v for k, v in data.items() if k != "batch_size"}}
+    return record
 
 
 UPGRADES = {0: _from_version_0}  # version → the function that turns it into the next one
