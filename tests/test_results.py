@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from arvision.utils.instantiate import instantiate
-
 from arvision.analysis import collect
 from arvision.results import (SCHEMA_VERSION, ResultsError, RunRecord, append_evaluation, check_record, metric,
                               read_results, unavailable, write_results)
