@@ -20,9 +20,9 @@ from arvision.analysis import (collect, fit_power_law, pareto_front, plot_pareto
                                render, scaling_fits, select_rows, sort_rows, table)
 from arvision.cli import table as table_cli
 from arvision.cli.common import config_dir
-from arvision.metrics import INCEPTION_WEIGHTS_FILE, MissingWeights
+from arvision.metrics import INCEPTION_WEIGHTS_FILE, ClassifierExtractor, ClassifierNet, MissingWeights
 from arvision.pipeline import run as train_run
-from arvision.reevaluate import SFID_CHANNELS, EvalError, inception_hint, reevaluate
+from arvision.reevaluate import SFID_CHANNELS, EvalError, inception_hint, load_npz, reevaluate
 from arvision.results import SCHEMA_VERSION
 from tests.conftest import REPO
 
@@ -287,11 +287,21 @@ def test_eval_of_an_adm_npz_uses_its_labels_and_writes_beside_it(tiny_run, tmp_p
                  "metrics.classifier.width=8", "metrics.num_samples=100"]
     entry = reevaluate(eval_cfg(*overrides))
     assert entry["source"] == "npz" and entry["metrics"]["fid"]["num_samples"] == 16
-    assert 0 <= entry["metrics"]["accuracy"]["value"] <= 1
     assert "sample_img_per_s" not in entry["metrics"] and "test_loss" not in entry["metrics"]
     assert "fewer" in entry["settings"]["note"]
     on_disk = json.loads((npz.parent / "results.json").read_text())
     assert on_disk["samples_npz"] == str(npz) and len(on_disk["evaluations"]) == 1
+    # the accuracy is read against the npz's own labels: labelled with the classifier's own predictions every
+    # sample is right, labelled with the next class every one is wrong
+    classifier = tiny_run / "artifacts" / "classifier" / entry["feature_extractor"]["artifact"] / "classifier.pt"
+    blob = torch.load(classifier, weights_only=True)
+    net = ClassifierNet(in_channels=blob["in_channels"], num_classes=blob["num_classes"], width=blob["width"])
+    net.load_state_dict(blob["state_dict"])
+    with torch.no_grad():
+        predicted = ClassifierExtractor(net.eval()).logits(load_npz(npz, None)[0]).argmax(1).numpy()
+    for labels, expected in ((predicted, 1.0), ((predicted + 1) % blob["num_classes"], 0.0)):
+        np.savez(npz, samples["arr_0"][:16], labels)
+        assert reevaluate(eval_cfg(*overrides, "select=[accuracy]"))["metrics"]["accuracy"]["value"] == expected
     np.savez(npz, arr_0=samples["arr_0"][:16])  # no labels: accuracy is unavailable, not invented
     entry = reevaluate(eval_cfg(*overrides, "select=[fid,accuracy]"))
     assert entry["metrics"]["accuracy"]["unavailable"] == "the samples carry no labels"
