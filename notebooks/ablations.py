@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,10 +21,12 @@
 #   generator. The test loss comes from `arvision-eval select=[test_loss]` (or the training run, if it recorded one).
 # * **Block size** (ACDiT Fig. 4): FID against the number of tokens per block at a fixed sequence length.
 # * **FlexVAR steps**: a next-scale model in FlexVAR mode sampled zero-shot with fewer and more scales than it
-#   was trained with (`arvision-eval sample.schedule=[…]`, one evaluation per schedule).
+#   was trained with (`arvision-eval +sample.schedule=[…]`, one evaluation per schedule).
 #
-# Parameters: `RUNS` (`None`: `$ARVISION_RUNS`, else the checked-in fixture), and one row filter per study.
-# Everything below only calls `arvision.analysis`.
+# By default each section reads its study's committed CSV, `experiments/<study>/results.csv` (a study without one
+# shows no rows and says so). Parameters: `RUNS` (a runs folder or CSV to read instead; `None` reads
+# `$ARVISION_RUNS` when set) and, for `RUNS`, one row filter per study. Everything below only calls
+# `arvision.analysis`.
 
 # %% tags=["parameters"]
 RUNS = None
@@ -34,18 +38,15 @@ STEPS_ROWS = "tags=flexvar_steps"
 # %matplotlib inline
 from IPython.display import Markdown, display
 
-from arvision.analysis import (block_size_frame, collect, plot_block_size, plot_scaling_laws, plot_steps, render,
-                               runs_dir, scaling_frame, select_rows, steps_frame)
-
-runs = collect(runs_dir(RUNS))
-evaluations = collect(runs_dir(RUNS), evaluations="rows")
-print(f"{len(runs)} runs, {len(evaluations) - len(runs)} arvision-eval entries under {runs_dir(RUNS)}")
+from arvision.analysis import (block_size_frame, describe, plot_block_size, plot_scaling_laws, plot_steps, render,
+                               scaling_frame, steps_frame, study_rows)
 
 # %% [markdown]
 # ## Scaling laws
 
 # %%
-scaling = select_rows(runs, SCALING_ROWS)
+scaling = study_rows("scaling", RUNS, rows=SCALING_ROWS)
+print(describe(scaling))
 display(Markdown(render(scaling_frame(scaling), columns=["group", "exponent", "prefactor", "pearson_r",
                                                          "num_points"])))
 display(Markdown(render(scaling_frame(scaling, x="train_compute"), columns=["group", "exponent", "prefactor",
@@ -58,7 +59,8 @@ plot_scaling_laws(scaling)
 # ## ACDiT block size
 
 # %%
-blocks = select_rows(runs, BLOCK_ROWS)
+blocks = study_rows("acdit_block_size", RUNS, rows=BLOCK_ROWS)
+print(describe(blocks))
 frame = block_size_frame(blocks)
 display(Markdown(render(frame, columns=list(frame.columns))))
 
@@ -69,7 +71,8 @@ plot_block_size(blocks)
 # ## FlexVAR: zero-shot sampling steps
 
 # %%
-steps_rows = select_rows(evaluations, STEPS_ROWS)
+steps_rows = study_rows("flexvar_steps", RUNS, rows=STEPS_ROWS, evaluations="rows")
+print(describe(steps_rows))
 frame = steps_frame(steps_rows)
 display(Markdown(render(frame, columns=list(frame.columns))))
 

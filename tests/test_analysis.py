@@ -129,13 +129,13 @@ def test_var_layout_renders_to_markdown_latex_and_csv_that_parses_back():
     assert len(body) == len(frame) and all(row.endswith(r"\\") for row in body)
     assert latex.count("&") == (len(frame) + 1) * 8 and r"Diff-AR (block)" in latex and "1.2M" in latex
     assert render(pd.DataFrame({"a_b": ["x%y"]}), columns=["a_b"], fmt="latex").count(r"x\%y") == 1
-    csv = table(frame, layout="var", fmt="csv")
+    csv = table(frame, layout="var", fmt="csv")  # raw values under the collected names, so it reads back
     back = pd.read_csv(io.StringIO(csv))
-    assert list(back.columns) == ["type", "model", "params", "FID", "IS", "precision", "recall", "steps",
-                                  "relative time"]
-    assert np.allclose(back["params"], frame["gen.params"]) and np.allclose(back["FID"], frame["gen.fid"],
-                                                                            equal_nan=True)
-    assert np.allclose(back["relative time"], frame["s_per_image"] / 0.004)
+    assert list(back.columns) == ["type", "model", "gen.params", "gen.fid", "gen.is", "gen.precision", "gen.recall",
+                                  "steps", "relative_time"]
+    assert np.allclose(back["gen.params"], frame["gen.params"]) and np.allclose(back["gen.fid"], frame["gen.fid"],
+                                                                                equal_nan=True)
+    assert np.allclose(back["relative_time"], frame["s_per_image"] / 0.004)
     with pytest.raises(ValueError):
         render(frame, fmt="html")
 
@@ -152,7 +152,8 @@ def test_table_cli_layout_rows_sort_and_out(tmp_path, capsys):
         select_rows(collect(FIXTURE), ["tags=paradigms", "tokenizer!=rvq"]))
     table_cli.main([str(FIXTURE), "--format", "csv", "--columns", "model,tok.psnr", "--rows", "generator=raster"])
     back = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert list(back.columns) == ["model", "PSNR"] and (back["PSNR"] > 0).all()
+    assert list(back.columns) == ["model", "tok.psnr", "git_sha", "command", "eval.git_sha", "eval.command"]
+    assert (back["tok.psnr"] > 0).all() and back["git_sha"].notna().all()
     with pytest.raises(SystemExit):
         table_cli.main([str(FIXTURE), "--sort", "no_such_column"])
     assert "no column" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The notebooks run headless through nbmake on the checked-in fixture runs and produce their tables and plots;
-each .ipynb is the jupytext pairing of its .py (percent format)."""
+"""The notebooks run headless through nbmake, on the committed study CSVs (their default) and on a runs folder (the
+checked-in fixture runs), and produce their tables and plots; each .ipynb is the jupytext pairing of its .py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from arvision.analysis import read_csv, study_csv
 from tests.conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"
@@ -44,18 +45,25 @@ def _outputs(notebook: Path) -> tuple[list[str], int]:
     return texts, images
 
 
-def test_notebooks_execute_with_nbmake_and_produce_tables_and_plots(tmp_path):
+def _execute(tmp_path: Path, runs: Path | None) -> None:
+    """Run both notebooks with nbmake in tmp_path, in place; `runs` None: their defaults (the committed CSVs)."""
     for name in ("paradigms", "ablations"):
         shutil.copy(NOTEBOOKS / f"{name}.ipynb", tmp_path)
-    env = {"ARVISION_RUNS": str(FIXTURE), "OMP_NUM_THREADS": "1", "MPLBACKEND": "module://matplotlib_inline."
-           "backend_inline", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"OMP_NUM_THREADS": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+           "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    if runs is not None:
+        env["ARVISION_RUNS"] = str(runs)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                            "--nbmake", "--overwrite", "--nbmake-timeout=120", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "2 passed" in done.stdout
 
+
+def test_notebooks_execute_on_a_runs_folder_and_produce_tables_and_plots(tmp_path):
+    _execute(tmp_path, FIXTURE)
     texts, images = _outputs(tmp_path / "paradigms.ipynb")
+    assert any(f"rows from {FIXTURE} (tags=paradigms)" in t for t in texts)
     table = next(t for t in texts if "| type | model | params | FID |" in t)
     body = [line for line in table.splitlines()[2:] if line.startswith("|")]
     assert {line.split("|")[1].strip() for line in body} >= {"AR", "VAR", "Diff-AR (block)"}
@@ -66,3 +74,24 @@ def test_notebooks_execute_with_nbmake_and_produce_tables_and_plots(tmp_path):
     assert "| group | exponent |" in joined and "| model | block size | blocks | FID |" in joined
     assert "| model | schedule | steps | trained steps | FID |" in joined
     assert images >= 3  # scaling laws, block size, steps
+
+
+def test_notebooks_render_the_committed_study_csvs_by_default(tmp_path):
+    studies = {"paradigms": ["demo"], "ablations": ["scaling", "acdit_block_size", "flexvar_steps"]}
+    assert any(study_csv(s).is_file() for names in studies.values() for s in names), "no study CSV is committed"
+    _execute(tmp_path, None)
+    for notebook, names in studies.items():
+        texts, _ = _outputs(tmp_path / f"{notebook}.ipynb")
+        joined = "\n".join(texts)
+        for study in names:
+            path = study_csv(study)
+            if path.is_file():
+                assert f"{len(read_csv(path))} rows from experiments/{study}/results.csv" in joined, study
+            else:
+                assert f"experiments/{study}/results.csv, not committed" in joined, study
+    steps = study_csv("flexvar_steps")
+    if steps.is_file():  # every evaluated schedule is a row of the notebook's steps table
+        texts, _ = _outputs(tmp_path / "ablations.ipynb")
+        table = next(t for t in texts if "| model | schedule | steps | trained steps | FID |" in t)
+        schedules = read_csv(steps)["eval.sample.schedule"].dropna()
+        assert len(schedules) > 1 and all(f"| {s} |" in table for s in schedules)

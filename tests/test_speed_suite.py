@@ -49,7 +49,7 @@ def test_plan_runs_each_models_pair_first_ours_then_official(suite):
     pairs = items[:10]
     assert [i.kind for i in pairs] == ["ours", "official"] * 5
     assert [i.model for i in pairs[::2]] == [i.model for i in pairs[1::2]]
-    assert set(i.model for i in pairs) == set(suite.ISSUE_FIGURES)
+    assert set(i.model for i in pairs) == set(suite.H200_FIGURES)
     assert items[10].kind == "tests"
 
 
@@ -103,5 +103,5 @@ def test_cpu_summary_leaves_out_the_gpu_figures_and_goals(suite):
                record("gpt_b", "official", {"train": {"img_per_s": 0.4}, "sample": {"img_per_s": 0.05}})]
     summary = suite.summarize(records, "cpu")
     header = next(line for line in summary.splitlines() if line.startswith("| model |"))
-    assert "issue figure" not in header and "goal" not in header and "✓" not in summary and "✗" not in summary
+    assert "H200 figure" not in header and "goal" not in header and "✓" not in summary and "✗" not in summary
     assert table_row(summary, "gpt_b") == ["gpt_b", "0.5", "0.4", "1.25×", "0.1", "0.05", "2.00×"]

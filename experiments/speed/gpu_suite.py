@@ -1,19 +1,19 @@
-"""Issue 7's GPU measurements in one prepared run: the CUDA tests, arvision's bench presets and the official code,
-model by model, under a time budget (a lent GPU has 15 minutes in all, start-up included).
+"""The GPU speed measurements in one prepared run: the CUDA tests, arvision's bench presets and the official code,
+model by model, under a time budget (--budget seconds in all).
 
     python experiments/speed/gpu_suite.py --out $OUT --official .official --budget 540      # on the GPU machine
     python experiments/speed/gpu_suite.py --out /tmp/suite --official ~/official --check    # CPU: the plumbing only
 
 `--official` holds checkouts of the official code, never committed: VAR/, LlamaGen/, FlowAR/ (wangqiang9/FlowAR,
-the code of OliverRensu/FlowAR) and ACDiT/ (thunlp/ACDiT); experiments/speed/README.md says how to carry them.
+the code of OliverRensu/FlowAR) and ACDiT/ (thunlp/ACDiT); experiments/speed/README.md says how to get them there.
 Each item runs in its own process (an OOM or a crash costs that item only) with a timeout cut to the time left;
 ours and the official code alternate per model, so a run cut short still holds matched pairs. Written to --out as
 the run goes, so whatever finished comes back even if the run is stopped (three files: the device tool returns few):
 - results.jsonl: one line per item (name, command, exit code, seconds, the JSON it wrote);
-- summary.md: the comparison against the official code and issue 7's targets, rewritten after every item.
+- summary.md: the comparison against the official code and the H200 goals, rewritten after every item.
 `--check` runs every item at CPU sizes (`bench_preset=cpu_tiny`, the harnesses' `--tiny`): it times nothing real.
 `--cpu` times each model's pair (ours, the official code) at the published sizes on a CPU: fp32, batch 2, ACDiT at 2
-DPM-Solver steps per block. It checks that both sides do the same work, not issue 7's GPU goals.
+DPM-Solver steps per block. It checks that both sides do the same work, not the GPU goals.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-# Issue 7: the official code on one H200, eager (img/s), and arvision's goals as multiples of it.
-ISSUE_FIGURES = {"var_d16": (210, 141), "gpt_b": (971, 28.8), "gpt_l": (379, 14.4), "flowar_s": (250, 69.8),
+# The official code on one H200, eager (img/s), and arvision's goals as multiples of it (experiments/speed/README.md).
+H200_FIGURES = {"var_d16": (210, 141), "gpt_b": (971, 28.8), "gpt_l": (379, 14.4), "flowar_s": (250, 69.8),
                  "acdit_b": (107, 3.3)}
 GOALS = {"var_d16": (1.3, 1.5), "gpt_b": (1.2, 3.0), "gpt_l": (1.2, 3.0), "flowar_s": (1.3, 1.5),
          "acdit_b": (1.3, 1.5)}
@@ -59,7 +59,7 @@ CPU_CAP_S = 1200  # each item's limit with --cpu: a full-size model on two cores
 @dataclass
 class Item:
     name: str        # model/variant, e.g. gpt_b/ours_fast
-    model: str       # key of ISSUE_FIGURES, or "tests"
+    model: str       # key of H200_FIGURES, or "tests"
     kind: str        # ours | official | tests
     args: list[str]
     cap_s: int       # the most it may take
@@ -91,7 +91,7 @@ def plan() -> list[Item]:
         ours("flowar_s", "ours_fast", "compile=true", "generator.sample.decode=compiled", cap_s=240),
         ours("gpt_l", "ours_fast", "compile=true", "generator.sample.decode=compiled", cap_s=200),
         ours("acdit_b", "ours_compiled", "compile=true", "skip_sampling=true", cap_s=200),
-        # issue 7 asks for bf16 figures too where the official precision is another
+        # bf16 figures too where the official precision is another
         ours("flowar_s", "ours_bf16", "precision=bf16", "sample.precision=bf16"),
         ours("acdit_b", "ours_bf16", "sample.precision=bf16", cap_s=150),
     ]
@@ -161,23 +161,23 @@ def fmt(x: float | None) -> str:
 
 def summarize(records: list[dict], mode: str = "gpu") -> str:
     """Per model: ours (the best variant at the official precision) against the official code measured in the same
-    run, and against issue 7's H200 figures (a GPU run only: mode "check" or "cpu" times other hardware)."""
+    run, and against the official H200 figures (a GPU run only: mode "check" or "cpu" times other hardware)."""
     by = {}
     for r in records:
         if "result" in r:
             by.setdefault(r["model"], {})[r["item"].split("/", 1)[1]] = r["result"]
     device = next((r["result"].get("device") for r in records if "result" in r), "?")
-    lines = [f"# issue 7 GPU suite — {device}", "",
+    lines = [f"# GPU speed suite — {device}", "",
              *(["**Check run at CPU sizes: these numbers time nothing real.**", ""] if mode == "check" else []),
              *(["**CPU run at the published sizes (fp32, batch 2): ours against the official code on the same CPU. "
-                "Issue 7's figures and goals are for an H200, so they are not marked here.**", ""]
+                "The official H200 figures and the goals are for an H200, so they are not marked here.**", ""]
                if mode == "cpu" else []),
              ]
-    gpu = mode == "gpu"  # issue 7's figures and goals belong to a GPU run only
-    header = ["model", "ours train img/s", "official train", "×", *(["issue figure", "×", "goal"] if gpu else []),
-              "ours sample img/s", "official sample", "×", *(["issue figure", "×", "goal"] if gpu else [])]
+    gpu = mode == "gpu"  # the H200 figures and goals belong to a GPU run only
+    header = ["model", "ours train img/s", "official train", "×", *(["H200 figure", "×", "goal"] if gpu else []),
+              "ours sample img/s", "official sample", "×", *(["H200 figure", "×", "goal"] if gpu else [])]
     lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for model, (train_fig, sample_fig) in ISSUE_FIGURES.items():
+    for model, (train_fig, sample_fig) in H200_FIGURES.items():
         runs = by.get(model, {})
         official = runs.get("official", {})
         same_precision = [v for k, v in runs.items() if k in ("ours", "ours_fast", "ours_compiled")]

@@ -2,7 +2,8 @@
 # Gets a checkout ready for experiments/speed/gpu_suite.py on a GPU machine that cannot download anything:
 #   .official/  the official code (VAR, LlamaGen, FlowAR, ACDiT) at their default branches, never committed;
 #   .whl/       wheels of what the suite needs beyond an image with torch, lightning, torchmetrics, timm and einops.
-# Both folders are git-ignored through .git/info/exclude. Run it here, then carry both folders to the GPU machine:
+# Both folders are git-ignored through .git/info/exclude. Run it where the network is, then copy both folders into
+# the checkout on the GPU machine:
 #   bash experiments/speed/prepare_gpu.sh [dir with mirrors <owner>+<name>/repo (git dirs); default: clone GitHub]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,6 +1,6 @@
 """Speed measurements for any tokenizer × generator pair, with random weights and random tokens.
 
-What is measured, per the protocol of the papers' own speed tables (reference/continuous_generators.md §5):
+What is measured, per the protocol of the papers' own speed tables (VAR, LlamaGen, FlowAR, ACDiT):
 - training: forward + backward + fused-AdamW step on a batch of random tokens of the tokenizer's layout, bf16
   autocast on GPU; warm-up steps excluded, median of the timed steps → img/s; FLOPs of one step counted by
   `torch.utils.flop_counter` → model FLOPs utilisation against the GPU's dense bf16 peak;

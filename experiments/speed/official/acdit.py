@@ -1,4 +1,4 @@
-"""Speed of the official ACDiT code (thunlp/ACDiT), random weights, as issue 7's ACDiT-B figures.
+"""Speed of the official ACDiT code (thunlp/ACDiT), random weights, as the official ACDiT-B figures were taken.
 
     python experiments/speed/official/acdit.py --repo <ACDiT checkout> [--out x.json] [--tiny] [--build-only]
 

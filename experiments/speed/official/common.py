@@ -1,12 +1,12 @@
 """Timing protocol shared by the official-code harnesses, the same as `arvision.bench` uses for ours.
 
 Each harness (var.py, llamagen.py, flowar.py, acdit.py) builds the official model from a checkout given on the
-command line, with random weights, and times it as the official figures of issue 7 were taken:
+command line, with random weights, and times it as the official H200 figures were taken:
 - training: the official train step (forward, loss, backward, optimiser step) on a batch of random inputs,
   warm-up steps excluded, median of the timed steps → img/s;
 - sampling: the official sampling function on a batch, a warm-up batch excluded, median of the repeats → img/s.
 Every timed region ends with a device synchronisation. The official code is never copied into this repository:
-`--repo` points at a checkout kept outside it (on the GPU machine: an ignored folder that travels with `carry`).
+`--repo` points at a checkout that is not under version control (on the GPU machine: the git-ignored `.official/`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Speed of the official FlowAR-S code (OliverRensu/FlowAR) with random weights, for issue 7.
+"""Speed of the official FlowAR-S code (OliverRensu/FlowAR) with random weights, as the official FlowAR-S figures were taken.
 
 The model is `models.flowar.flowar_small` built with the arguments of the README's FlowAR-S commands
 (`--model flowar_small --diffloss_d 2 --diffloss_w 1024`, the other `main_flowar.py` defaults: dropout 0.1,

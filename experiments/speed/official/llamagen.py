@@ -1,4 +1,4 @@
-"""Speed of the official LlamaGen code (FoundationVision/LlamaGen), random weights, as issue 7's GPT-B/L figures.
+"""Speed of the official LlamaGen code (FoundationVision/LlamaGen), random weights, as the official GPT-B/L figures were taken.
 
     python experiments/speed/official/llamagen.py --repo <LlamaGen checkout> --preset gpt_b [--out x.json] [--tiny]
 

@@ -1,4 +1,4 @@
-"""Speed of the official VAR code (FoundationVision/VAR), random weights, as issue 7's VAR-d16 figure was taken.
+"""Speed of the official VAR code (FoundationVision/VAR), random weights, as the official VAR-d16 figure was taken.
 
     python experiments/speed/official/var.py --repo <VAR checkout> [--out var_d16.json] [--tiny]
 

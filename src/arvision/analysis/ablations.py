@@ -1,11 +1,13 @@
 """The paper ablations as tidy frames and figures: ACDiT block size (Fig. 4), FlexVAR steps, scaling laws.
 
 Each `*_frame` takes a `collect()` frame (for steps: `collect(dir, evaluations="rows")`, one row per
-arvision-eval entry), keeps the relevant rows and returns readable columns, sorted along the swept setting.
+arvision-eval entry), keeps the relevant rows and returns readable columns, sorted along the swept setting. A frame
+without such rows (or without the columns) gives an empty table and an empty figure.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -13,14 +15,30 @@ from arvision.analysis.plots import plot_curve
 from arvision.analysis.scaling import plot_scaling, scaling_fits
 
 
+def _rows(frame: pd.DataFrame, generator: str, setting: str) -> pd.DataFrame:
+    """The rows of `generator` that record `setting` (none when the frame lacks either column)."""
+    if "generator" not in frame or setting not in frame:
+        return frame.iloc[:0]
+    return frame[(frame["generator"] == generator) & frame[setting].notna()]
+
+
+def _column(rows: pd.DataFrame, name: str, *, numeric: bool = True) -> pd.Series:
+    if name not in rows:
+        return pd.Series(np.nan, index=rows.index, dtype=float)
+    return pd.to_numeric(rows[name], errors="coerce") if numeric else rows[name]
+
+
 def block_size_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """acdit runs: block size, blocks per image, FID, precision, recall, steps (backbone passes), s/image."""
-    runs = frame[(frame.get("generator") == "acdit") & frame.get("cfg.block_size").notna()].copy()
+    """acdit runs: block size, blocks per image, FID, precision, recall, accuracy, steps (backbone passes),
+    test loss, s/image."""
+    runs = _rows(frame, "acdit", "cfg.block_size")
     out = pd.DataFrame({
-        "model": runs["model"], "block size": pd.to_numeric(runs["cfg.block_size"]),
-        "blocks": pd.to_numeric(runs["tokens_per_image"]) // pd.to_numeric(runs["cfg.block_size"]),
-        "FID": runs.get("gen.fid"), "precision": runs.get("gen.precision"), "recall": runs.get("gen.recall"),
-        "steps": runs.get("steps"), "s/image": runs.get("s_per_image"),
+        "model": _column(runs, "model", numeric=False), "block size": _column(runs, "cfg.block_size"),
+        "blocks": _column(runs, "tokens_per_image") // _column(runs, "cfg.block_size"),
+        "FID": _column(runs, "gen.fid"), "IS": _column(runs, "gen.is"), "precision": _column(runs, "gen.precision"),
+        "recall": _column(runs, "gen.recall"), "accuracy": _column(runs, "gen.accuracy"),
+        "steps": _column(runs, "steps"), "test loss": _column(runs, "test_loss"),
+        "s/image": _column(runs, "s_per_image"),
     })
     return out.sort_values("block size", kind="stable").reset_index(drop=True)
 
@@ -28,15 +46,15 @@ def block_size_frame(frame: pd.DataFrame) -> pd.DataFrame:
 def steps_frame(rows: pd.DataFrame) -> pd.DataFrame:
     """FlexVAR zero-shot steps: one row per arvision-eval entry of a next_scale run that set a schedule, with
     the number of steps it sampled with and the number the model was trained with (its default schedule)."""
-    picked = rows[(rows.get("generator") == "next_scale") & rows.get("eval.sample.schedule").notna()] \
-        if "eval.sample.schedule" in rows else rows.iloc[:0]
+    picked = _rows(rows, "next_scale", "eval.sample.schedule")
     out = pd.DataFrame({
-        "model": picked.get("model"), "schedule": picked.get("eval.sample.schedule"),
-        "steps": pd.to_numeric(picked.get("eval.sample.schedule.len")),
-        "trained steps": pd.to_numeric(picked.get("gen.nfe_per_image")),
-        "FID": picked.get("eval.fid"), "IS": picked.get("eval.is"), "precision": picked.get("eval.precision"),
-        "recall": picked.get("eval.recall"), "s/image": picked.get("eval.s_per_image"),
-    }, columns=["model", "schedule", "steps", "trained steps", "FID", "IS", "precision", "recall", "s/image"])
+        "model": _column(picked, "model", numeric=False),
+        "schedule": _column(picked, "eval.sample.schedule", numeric=False),
+        "steps": _column(picked, "eval.sample.schedule.len"), "trained steps": _column(picked, "gen.nfe_per_image"),
+        "FID": _column(picked, "eval.fid"), "IS": _column(picked, "eval.is"),
+        "precision": _column(picked, "eval.precision"), "recall": _column(picked, "eval.recall"),
+        "accuracy": _column(picked, "eval.accuracy"), "img/s": _column(picked, "eval.sample_img_per_s"),
+    })
     return out.sort_values(["model", "steps"], kind="stable").reset_index(drop=True)
 
 

@@ -47,8 +47,9 @@ def plot_pareto(frame: pd.DataFrame, *, x: str = "s_per_image", y: str = "gen.fi
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    xs = pd.to_numeric(frame[x], errors="coerce").to_numpy(float)
-    ys = pd.to_numeric(frame[y], errors="coerce").to_numpy(float)
+    missing = pd.Series(np.nan, index=frame.index, dtype=float)  # a frame without the column: no points
+    xs = pd.to_numeric(frame.get(x, missing), errors="coerce").to_numpy(float)
+    ys = pd.to_numeric(frame.get(y, missing), errors="coerce").to_numpy(float)
     on_front = pareto_front(xs, ys)
     ok = np.isfinite(xs) & np.isfinite(ys)
     ax.scatter(xs[ok & ~on_front], ys[ok & ~on_front], color="tab:gray", label="dominated", zorder=3)

@@ -22,7 +22,10 @@ def plot_curve(frame: pd.DataFrame, *, x: str, y: str, by: str | None = None, ax
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    groups = [(None, frame)] if by is None else list(frame.groupby(by, dropna=True, sort=True))
+    if any(c not in frame for c in [x, y, *([by] if by else [])]):
+        groups = []  # no rows of this kind: an empty figure
+    else:
+        groups = [(None, frame)] if by is None else list(frame.groupby(by, dropna=True, sort=True))
     for name, part in groups:
         xs = pd.to_numeric(part[x], errors="coerce").to_numpy(float)
         ys = pd.to_numeric(part[y], errors="coerce").to_numpy(float)

@@ -58,10 +58,17 @@ def fit_power_law(x, y) -> PowerLaw:
                     num_points=int(ok.sum()), dropped=int((~ok).sum()))
 
 
+def _groups(frame: pd.DataFrame, columns: list[str], by: str | None) -> list[tuple[object, pd.DataFrame]]:
+    if any(c not in frame for c in [*columns, *([by] if by else [])]):
+        return []
+    return [(None, frame)] if by is None else list(frame.groupby(by, dropna=True, sort=True))
+
+
 def scaling_fits(frame: pd.DataFrame, *, x: str = "gen.params", y: str = "test_loss",
                  by: str | None = "generator") -> pd.DataFrame:
-    """One power law per group of `by` (or one overall): columns group, exponent, prefactor, pearson_r, points."""
-    groups = [(None, frame)] if by is None else list(frame.groupby(by, dropna=True, sort=True))
+    """One power law per group of `by` (or one overall): columns group, exponent, prefactor, pearson_r, points.
+    A frame without the columns has no groups."""
+    groups = _groups(frame, [x, y], by)
     rows = []
     for name, part in groups:
         try:
@@ -80,7 +87,7 @@ def plot_scaling(frame: pd.DataFrame, *, x: str = "gen.params", y: str = "test_l
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    groups = [("all", frame)] if by is None else list(frame.groupby(by, dropna=True, sort=True))
+    groups = [("all" if name is None else name, part) for name, part in _groups(frame, [x, y], by)]
     for name, part in groups:
         xs = pd.to_numeric(part[x], errors="coerce").to_numpy(float)
         ys = pd.to_numeric(part[y], errors="coerce").to_numpy(float)

@@ -5,14 +5,17 @@ Table 1: type, model, params, FID, IS, precision, recall, steps, relative time. 
 time per image divided by that of the fastest row (or of a chosen reference row, as VAR normalises to VAR);
 `steps` counts generation steps (backbone passes, so an RQ depth head does not inflate it).
 
-Markdown and LaTeX show numbers for reading (parameters as 1.2M, floats with 4 significant digits, missing as
-"–"); CSV keeps the raw values so that it parses back to the same numbers.
+Markdown and LaTeX show numbers for reading (parameters as 1.2M, floats with 4 significant digits, commits as
+7 characters, missing as "–"). CSV keeps the raw values under the collected column names, and `table(fmt="csv")`
+adds each run's `git_sha` and the `command` that reruns it, so a committed CSV is auditable and `read_csv` reads
+it back into the frame it came from: a table rendered from it equals the table rendered from the runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +28,9 @@ HEADERS = {
     "gen.sample_img_per_s": "img/s", "gen.latency_img_per_s": "latency img/s", "s_per_image": "s/image", "steps": "steps", "relative_time": "relative time",
     "tok.psnr": "PSNR", "tok.ssim": "SSIM", "tok.rfid": "rFID", "tok.usage": "usage", "tok.perplexity": "perplexity",
     "eval.fid": "FID (eval)", "eval.sfid": "sFID (eval)", "eval.is": "IS (eval)", "eval.precision": "precision (eval)",
-    "eval.recall": "recall (eval)", "eval.num_samples": "N (eval)", "eval.device": "device (eval)",
+    "eval.recall": "recall (eval)", "eval.accuracy": "accuracy (eval)", "eval.kid": "KID (eval)",
+    "eval.sample_img_per_s": "img/s (eval)", "eval.sample.schedule": "schedule", "eval.sample.schedule.len":
+    "schedule steps", "eval.num_samples": "N (eval)", "eval.device": "device (eval)",
     "test_loss": "test loss", "train_compute": "train FLOPs", "cfg.depth": "depth", "cfg.block_size": "block size",
     "cfg.sample_steps": "sampling steps", "cost.stage2_seconds": "stage-2 s", "cost.total_seconds": "total s",
     "cost.stage.feature_extractor": "extractor s", "cost.stage.tokenizer_train": "tokenizer s",
@@ -33,6 +38,7 @@ HEADERS = {
     "cost.stage.generator_train": "generator s", "cost.stage.reference_stats": "reference s",
     "cost.stage.generator_sampling": "sampling s", "cost.stage.generator_metrics": "metrics s",
     "cost.stage.generator_test_loss": "test-loss s", "cost.stage.generator_eval": "grids s",
+    "git_sha": "commit", "eval.git_sha": "commit (eval)", "command": "command", "eval.command": "command (eval)",
 }
 
 DEFAULT_LAYOUT = ["tokenizer", "generator", "data", "gen.params", "tok.psnr", "tok.usage", "gen.fid", "gen.is",
@@ -47,7 +53,10 @@ STAGES_LAYOUT = ["tokenizer", "generator", "cost.stage.feature_extractor", "cost
                  "cost.stage.tokenizer_eval", "cost.stage.encode", "cost.stage.generator_train",
                  "cost.stage.reference_stats", "cost.stage.generator_sampling", "cost.stage.generator_metrics",
                  "cost.stage.generator_test_loss", "cost.stage.generator_eval", "cost.total_seconds"]
-LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT, "paradigms": PARADIGMS_LAYOUT, "stages": STAGES_LAYOUT}
+LAYOUTS = {"default": DEFAULT_LAYOUT, "var": VAR_LAYOUT, "paradigms": PARADIGMS_LAYOUT, "stages": STAGES_LAYOUT,
+           "all": []}  # every collected column: what a study's committed results.csv holds
+# Where each row came from; CSV output always carries them (the eval ones when a row has an arvision-eval entry).
+PROVENANCE = ["git_sha", "command", "eval.git_sha", "eval.command"]
 
 
 def header(column: str) -> str:
@@ -140,7 +149,9 @@ def layout_frame(frame: pd.DataFrame, layout: str | Sequence[str] = "default", *
     `source="eval"` reads the generation metrics (and sampling time) from the latest `arvision-eval` entry instead
     of the training run's own evaluation.
     """
-    columns = list(LAYOUTS[layout] if isinstance(layout, str) else layout)
+    if isinstance(layout, str) and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(sorted(LAYOUTS))} or a list of columns; got {layout!r}")
+    columns = list(frame.columns if layout == "all" else LAYOUTS[layout] if isinstance(layout, str) else layout)
     frame = frame.copy()
     if source == "eval":
         for column in list(columns):
@@ -151,7 +162,7 @@ def layout_frame(frame: pd.DataFrame, layout: str | Sequence[str] = "default", *
             frame["s_per_image"] = frame["eval.s_per_image"]
     elif source != "gen":
         raise ValueError(f"source must be 'gen' or 'eval', got {source!r}")
-    if "relative_time" in columns:
+    if "relative_time" in columns and ("s_per_image" in frame or "relative_time" not in frame):
         frame["relative_time"] = relative_time(frame, reference=reference)
     return frame[[c for c in columns if c in frame.columns]]
 
@@ -171,6 +182,8 @@ def _human_count(value: float) -> str:
 def _cell(column: str, value: object, floatfmt: str) -> str:
     if _is_missing(value):
         return "–"
+    if column.endswith("git_sha") and isinstance(value, str):
+        return value[:7]
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
     if isinstance(value, (int, np.integer, float, np.floating)):
@@ -198,28 +211,30 @@ def render(frame: pd.DataFrame, *, columns: Sequence[str] | None = None, fmt: st
            floatfmt: str = ".4g", headers: dict[str, str] | None = None) -> str:
     """The table as Markdown (pipe table), LaTeX (booktabs tabular) or CSV.
 
-    `columns` defaults to the `default` layout (those present); headers are readable names (HEADERS, updated
-    with `headers`). CSV keeps raw values and uses the same headers.
+    `columns` defaults to the `default` layout (those present). Markdown and LaTeX use readable headers (HEADERS,
+    updated with `headers`); CSV keeps raw values under the frame's own column names, so it reads back as it was.
     """
+    if fmt not in ("markdown", "latex", "csv"):
+        raise ValueError(f"format must be markdown, latex or csv, got {fmt!r}")
     names = {**HEADERS, **(headers or {})}
     columns = [c for c in (columns or DEFAULT_LAYOUT) if c in frame.columns]
     table = frame[columns]
-    labels = [names.get(c, c) for c in columns]
     if fmt == "csv":
-        return table.rename(columns=dict(zip(columns, labels))).to_csv(index=False)
+        return table.to_csv(index=False)
+    if not columns:  # a frame without any of the columns (e.g. a study with no rows yet)
+        return "*No rows.*" if fmt == "markdown" else "% no rows"
+    labels = [names.get(c, c) for c in columns]
     cells = [[_cell(c, v, floatfmt) for c, v in zip(columns, row)] for row in table.itertuples(index=False)]
     right = [_numeric(table[c]) for c in columns]
     if fmt == "markdown":
         lines = ["| " + " | ".join(labels) + " |", "|" + "|".join("---:" if r else ":---" for r in right) + "|"]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells]
         return "\n".join(lines)
-    if fmt == "latex":
-        lines = [r"\begin{tabular}{" + "".join("r" if r else "l" for r in right) + "}", r"\toprule",
-                 " & ".join(_latex(label) for label in labels) + r" \\", r"\midrule"]
-        lines += [" & ".join(_latex(cell) for cell in row) + r" \\" for row in cells]
-        lines += [r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(lines)
-    raise ValueError(f"format must be markdown, latex or csv, got {fmt!r}")
+    lines = [r"\begin{tabular}{" + "".join("r" if r else "l" for r in right) + "}", r"\toprule",
+             " & ".join(_latex(label) for label in labels) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex(cell) for cell in row) + r" \\" for row in cells]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
 
 
 def table(frame: pd.DataFrame, *, layout: str | Sequence[str] = "default", rows: str | Iterable[str] | None = None,
@@ -228,11 +243,12 @@ def table(frame: pd.DataFrame, *, layout: str | Sequence[str] = "default", rows:
     """Filter, lay out, sort and render in one call (what `arvision-table` and the notebooks use).
 
     Rows are filtered before the layout (so any collected column can filter) and sorted after it (so a layout's
-    computed columns, e.g. `relative_time`, can sort); sort keys may be collected names or headers.
+    computed columns, e.g. `relative_time`, can sort); sort keys may be collected names or headers. CSV adds the
+    PROVENANCE columns the layout leaves out.
     """
-    picked = select_rows(frame, rows)
+    picked = select_rows(frame, rows).copy()  # one block again: collect() builds its frame column by column
     laid = layout_frame(picked, layout, source=source, reference=reference)
-    if sort:
+    if sort and not picked.empty:
         extra = [k.strip().lstrip("-") for k in (sort.split(",") if isinstance(sort, str) else sort)]
         missing = [k for k in extra if k not in laid.columns and header_to_column(laid, k) is None]
         if missing:  # a sort key outside the layout: sort the full rows, then lay out again
@@ -240,7 +256,22 @@ def table(frame: pd.DataFrame, *, layout: str | Sequence[str] = "default", rows:
             laid = layout_frame(picked, layout, source=source, reference=reference)
         else:
             laid = sort_rows(laid, sort)
+    if fmt == "csv":
+        evaluated = "eval.git_sha" in picked and picked["eval.git_sha"].notna().any()
+        extra = [c for c in PROVENANCE
+                 if c not in laid and (evaluated if c.startswith("eval.") else c in picked)]
+        laid = laid.join(picked.reindex(index=laid.index, columns=extra))
     return render(laid, columns=list(laid.columns), fmt=fmt, floatfmt=floatfmt)
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """A CSV written by `arvision-table … --format csv` (e.g. a study's committed results.csv), back as the frame
+    it was rendered from: the same column names and values, so tables and analyses read it as they read runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no CSV file {path}")
+    # Only empty cells are missing: a text cell such as "None" or "nan" stays text.
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
 def header_to_column(frame: pd.DataFrame, name: str) -> str | None:
@@ -250,5 +281,5 @@ def header_to_column(frame: pd.DataFrame, name: str) -> str | None:
         return None
 
 
-__all__ = ["DEFAULT_LAYOUT", "HEADERS", "LAYOUTS", "VAR_LAYOUT", "header", "layout_frame", "relative_time",
-           "render", "resolve_column", "select_rows", "sort_rows", "table"]
+__all__ = ["DEFAULT_LAYOUT", "HEADERS", "LAYOUTS", "PROVENANCE", "VAR_LAYOUT", "header", "layout_frame", "read_csv",
+           "relative_time", "render", "resolve_column", "select_rows", "sort_rows", "table"]
