@@ -344,3 +344,46 @@ def test_the_checker_finds_each_kind_of_broken_command(tmp_path):
     assert "README.md:12:" in text and "no make target no_such_target" in text
     assert "README.md:13:" in text and "notebooks/missing.py is not in the repository" in text
     assert "README.md:14:" in text and "python -c" in text
+
+
+def layout_missing(text: str) -> list[str]:
+    """What the README's Layout block names (folders, modules, files in a description, config groups) that is not in
+    the tree. Entries start in column 0 (the repository) or 2 (src/arvision/); deeper lines continue a description."""
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    missing, folder = [], REPO
+    for line in block.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent < 4:
+            base = REPO if indent == 0 else REPO / "src" / "arvision"
+            entries = words if all(w.endswith("/") for w in words) else words[:1]
+            missing += [str((base / e).relative_to(REPO)) for e in entries if not (base / e).exists()]
+            folder = base / words[0] if words[0].endswith("/") else base
+            description = " ".join(words[1:])
+        else:
+            description = line.strip()
+        if folder == REPO / "conf":
+            missing += [f"conf/{g}" for g in description.split(":")[-1].split() if not (REPO / "conf" / g).is_dir()]
+        else:
+            missing += [str((folder / name).relative_to(REPO)) for name in re.findall(r"[\w/]+\.(?:py|md)\b",
+                                                                                      description)
+                        if not (folder / name).exists()]
+    return missing
+
+
+def test_the_readme_layout_names_what_is_in_the_tree():
+    text = (REPO / "README.md").read_text()
+    assert layout_missing(text) == [], "README.md's Layout names what is not in the tree"
+    broken = text.replace("  cli/             arvision-train", "  cli/             speed.py arvision-train", 1)
+    broken = broken.replace("metrics paths debug", "metrics paths nope debug", 1)
+    assert layout_missing(broken) == ["conf/nope", "src/arvision/cli/speed.py"]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_and_image_in_the_readmes_exists(path):
+    links = re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+    local = [link.split("#", 1)[0] for link in links if not re.match(r"[a-z]+:", link) and not link.startswith("#")]
+    missing = [link for link in local if link and not (path.parent / link).exists()]
+    assert not missing, f"{path.relative_to(REPO)} links to what is not in the tree: {missing}"
