@@ -23,7 +23,7 @@ from arvision.export import export
 from arvision.generators.base import IncompatibleTokenizer
 from arvision.reevaluate import reevaluate
 from arvision.results import SCHEMA_VERSION
-from arvision.tasks import GeneratorTask, NonFiniteLoss
+from arvision.tasks import GeneratorTask, NonFiniteLoss, TokenizerTask
 from arvision.tokenizers.base import TokenSpec, Tokenizer
 from tests.conftest import REPO, cli_env, compose_train, untrained_psnr, untrained_test_loss
 
@@ -89,38 +89,66 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "generator.pt", weights_only=True)
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_cfg, tmp_path, monkeypatch):
-    overrides = ("generator.train.max_steps=8", "checkpoint_every=4", "evaluate=false")
+@pytest.mark.parametrize("checkpoint_every, crash_at", [(4, 6), (2, 3)])  # killed after and before half-way
+def test_killed_run_resumes_to_the_same_weights(checkpoint_every, crash_at, tiny_cfg, tmp_path, monkeypatch):
+    overrides = ("generator.train.max_steps=8", f"checkpoint_every={checkpoint_every}", "evaluate=false")
     pipeline.run(tiny_cfg(*overrides), tmp_path / "straight")
 
     original = GeneratorTask.training_step
 
-    def crash_at_step_6(self, batch, batch_idx):
-        if self.global_step == 6:
+    def crash(self, batch, batch_idx):
+        if self.global_step == crash_at:
             raise RuntimeError("simulated crash")
         return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(GeneratorTask, "training_step", crash_at_step_6)
+    monkeypatch.setattr(GeneratorTask, "training_step", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")
-    step4 = torch.load(tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
-    assert step4["global_step"] == 4
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
+    kept = crash_at - crash_at % checkpoint_every  # the last checkpoint before the crash
+    assert saved["global_step"] == kept
     assert not (tmp_path / "resumed" / "generator.pt").exists()
     monkeypatch.setattr(GeneratorTask, "training_step", original)
-    resumed = pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from step 4
+    resumed = pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from `kept`
     stage2 = resumed["costs"]
-    assert stage2["stage2_img_per_s"] == pytest.approx(4 * 16 / stage2["stage2_seconds"])  # only the 4 steps it ran
+    assert stage2["stage2_img_per_s"] == pytest.approx((8 - kept) * 16 / stage2["stage2_seconds"])  # steps it ran
 
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
     for part in ("generator", "ema"):
         for key in a[part]:
             assert torch.allclose(a[part][key], b[part][key], atol=1e-6), (part, key)
-    # And the resumed run really continued: its weights differ from the step-4 checkpoint.
-    at_step4 = {k.removeprefix("generator."): v for k, v in step4["state_dict"].items() if k.startswith("generator.")}
-    assert at_step4.keys() == b["generator"].keys()
-    assert any(not torch.allclose(at_step4[key], value, atol=1e-6) for key, value in b["generator"].items())
+    # And the resumed run really continued: its weights differ from the checkpoint it resumed from.
+    at_kept = {k.removeprefix("generator."): v for k, v in saved["state_dict"].items() if k.startswith("generator.")}
+    assert at_kept.keys() == b["generator"].keys()
+    assert any(not torch.allclose(at_kept[key], value, atol=1e-6) for key, value in b["generator"].items())
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 8
+
+
+def test_stage1_killed_before_half_way_resumes_to_the_same_tokenizer(tiny_cfg, tmp_path, monkeypatch):
+    overrides = ("tokenizer.train.max_steps=8", "checkpoint_every=2", "train_generator=false", "evaluate=false")
+    pipeline.run(tiny_cfg(*overrides, root=tmp_path / "straight"), tmp_path / "straight" / "run")
+    original = TokenizerTask.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.completed_steps() == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(TokenizerTask, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(tiny_cfg(*overrides, root=tmp_path / "resumed"), tmp_path / "resumed" / "run")
+    monkeypatch.setattr(TokenizerTask, "training_step", original)
+    pipeline.run(tiny_cfg(*overrides, root=tmp_path / "resumed"), tmp_path / "resumed" / "run")
+
+    (straight,), (resumed,) = ((tmp_path / run / "artifacts" / "tokenizer").glob("*/tokenizer.pt")
+                               for run in ("straight", "resumed"))
+    assert resumed.parent.name == straight.parent.name  # the same artifact key
+    meta = json.loads((resumed.parent / "meta.json").read_text())
+    assert (meta["train_steps"], meta["train_steps_timed"]) == (8, 6)  # resumed from step 2, ran the other 6
+    a, b = (torch.load(path, weights_only=True)["state_dict"] for path in (straight, resumed))
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):

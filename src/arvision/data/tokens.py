@@ -73,7 +73,10 @@ class StepSampler(Sampler[torch.Tensor]):
         return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
     def __len__(self) -> int:
-        return self.num_steps - self.start_step
+        # The whole schedule, the steps already run included: on resumption Lightning restores the epoch's batch
+        # counter to `start_step` and ends the epoch when that counter reaches the loader's length. A length of
+        # `num_steps − start_step` ended a run resumed before half-way that many steps early.
+        return self.num_steps
 
     def __iter__(self):
         rank, world = self._world()
