@@ -15,6 +15,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,9 @@ def _parse_only(run, argv: list[str]) -> str | None:
     sys.argv = argv
     argparse.ArgumentParser.parse_args = parse_then_stop
     try:
-        run()
+        with warnings.catch_warnings():  # runpy's note that the module was already imported (by this test)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            run()
     except _Parsed:
         return None
     except SystemExit as err:
