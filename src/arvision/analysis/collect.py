@@ -138,8 +138,9 @@ def _evaluation_row(entry: dict[str, Any]) -> dict[str, object]:
     return row
 
 
-def _run_row(path: Path, results: dict[str, Any]) -> dict[str, object]:
-    row: dict[str, object] = {"run": str(path.parent), "tokenizer": results.get("tokenizer"),
+def _run_row(path: Path, results: dict[str, Any], root: Path) -> dict[str, object]:
+    # `run`: the run folder relative to the collected root, so a committed CSV names runs, not one machine's paths
+    row: dict[str, object] = {"run": path.parent.relative_to(root).as_posix(), "tokenizer": results.get("tokenizer"),
                               "generator": results.get("generator"), "data": results.get("data"),
                               "seed": results.get("seed"), "tags": ",".join(results.get("tags") or []),
                               "git_sha": results.get("git_sha"), "finished": results.get("finished"),
@@ -217,7 +218,7 @@ def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "lates
     rows = []
     for path in sorted(Path(root).rglob(RESULTS_FILE)):
         results = read_results(path.parent)
-        base = _run_row(path, results)
+        base = _run_row(path, results, Path(root))
         entries = results.get("evaluations", [])
         if evaluations == "latest":
             if entries:
