@@ -157,6 +157,11 @@ def test_table_cli_layout_rows_sort_and_out(tmp_path, capsys):
     with pytest.raises(SystemExit):
         table_cli.main([str(FIXTURE), "--sort", "no_such_column"])
     assert "no column" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an asked-for column that no run has is refused, not dropped
+        table_cli.main([str(FIXTURE), "--columns", "model,FID,bogus"])
+    assert "no column 'bogus'" in capsys.readouterr().err
+    table_cli.main([str(FIXTURE), "--columns", "model,FID", "--format", "csv"])  # a readable header names its column
+    assert list(pd.read_csv(io.StringIO(capsys.readouterr().out)).columns)[:2] == ["model", "gen.fid"]
 
 
 # --------------------------------------------------------------------------------------------- power laws

@@ -164,6 +164,8 @@ def layout_frame(frame: pd.DataFrame, layout: str | Sequence[str] = "default", *
         raise ValueError(f"source must be 'gen' or 'eval', got {source!r}")
     if "relative_time" in columns and ("s_per_image" in frame or "relative_time" not in frame):
         frame["relative_time"] = relative_time(frame, reference=reference)
+    if not isinstance(layout, str):  # columns asked for by name (or header): an unknown one is an error, not a gap
+        return frame[[resolve_column(frame, c) for c in columns]]
     return frame[[c for c in columns if c in frame.columns]]
 
 
