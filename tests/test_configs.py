@@ -19,7 +19,7 @@ from arvision.cli.common import config_dir
 from arvision.data.tokens import step_loader
 from arvision.tasks import GeneratorTask, TokenizerTask
 from arvision.utils.instantiate import instantiate
-from tests.conftest import REPO, compose_train
+from tests.conftest import REPO, compose_train, needs_fashion_mnist
 
 CONF = Path(config_dir())
 OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -72,8 +72,8 @@ def test_data_configs_build_a_datamodule_with_its_declared_shape(data, tmp_path)
                 Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
         overrides += [f"data.root={tmp_path / 'imgs'}", "data.num_classes=2", "data.num_workers=0",
                       "data.train_size=null", "data.test_size=null"]
-    if data == "fashion_mnist" and not Path("/usr/share/datasets/fashion-mnist").exists():
-        pytest.skip("Fashion-MNIST is not installed (make data)")
+    if data == "fashion_mnist":
+        needs_fashion_mnist()
     cfg = compose_train(overrides, tmp_path)
     dm = pipeline.build_datamodule(cfg)
     image, label = dm.train_set[0]

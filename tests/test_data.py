@@ -26,11 +26,14 @@ from arvision.data import (
 )
 from arvision.data import datasets as datasets_module
 from arvision.data.tokens import ImageBatches, step_loader
+from tests.conftest import FASHION_MNIST, needs_fashion_mnist
 
-SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(
-    not SYSTEM_FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
-)
+SYSTEM_FASHION = FASHION_MNIST
+
+
+@pytest.fixture
+def needs_fashion() -> None:
+    needs_fashion_mnist()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,6 +64,18 @@ def write_fake_fashion(folder: Path, *, n_train: int = 7, n_test: int = 5, gz: b
 # --------------------------------------------------------------------------------------------- Fashion-MNIST
 
 
+def test_missing_demo_data_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path) -> None:
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "FASHION_MNIST", tmp_path / "absent")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI runs the tests on the data the demo uses"):
+        conftest.needs_fashion_mnist()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="make data"):
+        conftest.needs_fashion_mnist()
+
+
 @pytest.fixture(scope="module")
 def fashion_root(tmp_path_factory: pytest.TempPathFactory) -> str | None:
     """The installed dataset, or else files of the same format (padding and loaders do not need the real pixels)."""
@@ -83,8 +98,7 @@ def fashion(fashion_root: str | None) -> ImageDataModule:
     return dm
 
 
-@needs_fashion
-def test_fashion_mnist_splits_as_published(fashion_raw: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def test_fashion_mnist_splits_as_published(needs_fashion: None, fashion_raw: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     for split, n in (("train", 60_000), ("test", 10_000)):
         images, labels = fashion_raw[split]
         assert images.shape == (n, 1, 28, 28) and images.dtype == torch.uint8

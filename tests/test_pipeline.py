@@ -151,7 +151,9 @@ def test_stage1_killed_before_half_way_resumes_to_the_same_tokenizer(tiny_cfg, t
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every, kept", [(3, 3), (2, 2)])  # (2, 2): the step-4 weights gave the NaN
+def test_nan_loss_stops_and_keeps_the_last_checkpoint_from_before_it(checkpoint_every, kept, tiny_cfg, tmp_path,
+                                                                     monkeypatch):
     original = GeneratorTask.training_step
 
     def poisoned(self, batch, batch_idx):
@@ -160,11 +162,37 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_cfg, tm
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(GeneratorTask, "training_step", poisoned)
-    with pytest.raises(NonFiniteLoss, match=r"nan at step 4"):
-        pipeline.run(tiny_cfg("generator.train.max_steps=8", "checkpoint_every=3"), tmp_path / "run")
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 4") as err:
+        pipeline.run(tiny_cfg("generator.train.max_steps=8", f"checkpoint_every={checkpoint_every}"), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt"
+    assert "\n" not in str(err.value) and f"ckpt_path={last}" in str(err.value)
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == kept
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert sorted(p.name for p in last.parent.glob("step=*.ckpt")) == [f"step={kept}.ckpt"]  # none from step 4 on
+
+
+def test_after_a_nan_stop_a_new_run_continues_from_the_kept_checkpoint_with_its_own_lr(tiny_cfg, tmp_path,
+                                                                                        monkeypatch):
+    overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
+    original = GeneratorTask.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if self.global_step == 5:
+            monkeypatch.setattr(self.generator, "loss", lambda *a: {"loss": torch.tensor(float("inf"))})
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GeneratorTask, "training_step", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"inf at step 5"):
+        pipeline.run(tiny_cfg(*overrides), tmp_path / "a")
+    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    source = tmp_path / "a" / "checkpoints" / "generator" / "last.ckpt"
+    # as the message says: a new run directory, other settings, ckpt_path= the kept checkpoint (step 4)
+    pipeline.run(tiny_cfg(*overrides, "generator.train.lr=1e-4", f"ckpt_path={source}"), tmp_path / "b")
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8
+    assert set(ckpt["lr_schedulers"][0]["base_lrs"]) == {1e-4}  # not the 2e-3 the stopped run was trained with
+    assert all(group["initial_lr"] == 1e-4 for group in ckpt["optimizer_states"][0]["param_groups"])
 
 
 def sample_config(run: Path, *overrides: str) -> DictConfig:
@@ -364,3 +392,42 @@ def test_the_thin_cli_check_catches_orchestration(body, tmp_path):
     fat.write_text(body + "\n\ndef main():\n    pass\n")
     with pytest.raises(AssertionError):
         test_cli_modules_parse_call_and_print_only(fat)
+
+
+def test_a_finished_run_is_never_trained_again(tiny_cfg, tmp_path):
+    pipeline.run(tiny_cfg("evaluate=false"), tmp_path / "run")
+    before = (tmp_path / "run" / "results.json").read_text()
+    with pytest.raises(pipeline.ConfigError, match=r"holds a finished run .* arvision-eval run=.* new hydra.run.dir"):
+        pipeline.run(tiny_cfg("evaluate=false", "generator.train.lr=1e-4"), tmp_path / "run")
+    assert (tmp_path / "run" / "results.json").read_text() == before  # its record and history are untouched
+
+
+def test_an_unfinished_run_resumes_only_with_its_own_settings(tiny_cfg, tmp_path, monkeypatch):
+    overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
+    original = GeneratorTask.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GeneratorTask, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(tiny_cfg(*overrides), tmp_path / "run")
+    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    checkpoint = tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt"
+    saved = checkpoint.read_bytes()
+    changed = (*overrides, "generator.train.lr=1e-4", "generator.model.depth=3")
+    with pytest.raises(pipeline.ConfigError) as err:
+        pipeline.run(tiny_cfg(*changed), tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and "generator.train.lr: 0.002 → 0.0001" in message
+    assert "generator.model.depth: 2 → 3" in message and "overwrite=true" in message
+    assert checkpoint.read_bytes() == saved  # refused before any work: the checkpoint is kept
+    # overwrite=true discards it: the run trains from scratch with the new settings, as a fresh directory would
+    fresh = pipeline.run(tiny_cfg(*changed), tmp_path / "fresh")
+    again = pipeline.run(tiny_cfg(*changed, "overwrite=true"), tmp_path / "run")
+    assert again["costs"]["stage2_seconds"] > 0
+    a, b = _final_weights(tmp_path / "fresh"), _final_weights(tmp_path / "run")
+    assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
+    assert fresh["config"]["generator"]["train"]["lr"] == again["config"]["generator"]["train"]["lr"] == 1e-4

@@ -9,8 +9,10 @@ functions; tests and notebooks call them directly.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -26,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from arvision.data.tokens import (ImageBatches, TokenDataset, cat_tokens, compact, step_loader)
 from arvision.evaluation import evaluate_generator, evaluate_tokenizer, get_extractor, reference_metrics
 from arvision.generators.base import Generator
-from arvision.results import RunRecord, git_sha, now, read_results, versions, write_results
-from arvision.tasks import GeneratorTask, TokenizerTask
+from arvision.results import (RESULTS_FILE, RunRecord, git_sha, now, read_results, versions, write_json_atomic,
+                              write_results)
+from arvision.tasks import GeneratorTask, NonFiniteLoss, TokenizerTask
 from arvision.tasks.resume import completed_steps
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
@@ -48,6 +51,11 @@ SCALING_CALIBRATION_IMAGES = 1024
 
 # Data settings that change only how data is served, not which images a model sees.
 DATA_LOADING_KEYS = {"eval_batch_size", "num_workers", "download", "download_dir"}
+
+# What a stage-2 checkpoint in a run directory was trained with (see `check_run_dir`).
+RUN_IDENTITY_FILE = "run_identity.json"
+# Trainer settings that change only what is shown, not the weights.
+DISPLAY_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary"}
 
 
 # --------------------------------------------------------------------------------------------- configuration
@@ -89,6 +97,46 @@ def classifier_key(cfg: DictConfig) -> str:
     return config_hash("classifier", cfg.metrics.classifier, data_identity(cfg), cfg.seed)
 
 
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that decides a run's generator weights: its tokenizer (by artifact key), generator network and
+    training settings, data, seed and trainer. Sampling and evaluation settings are not part of it."""
+    trainer = {k: v for k, v in trainer_kwargs(cfg).items() if k not in DISPLAY_TRAINER_KEYS}
+    generator = {k: v for k, v in OmegaConf.to_container(cfg.generator, resolve=True).items() if k != "sample"}
+    return {"tokenizer": tokenizer_key(cfg), "generator": generator,
+            "data": data_identity(cfg), "seed": cfg.seed, "trainer": trainer}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old → new` for each leaf that differs between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A run directory is trained once, by one config: a finished run is never trained again (its weights and
+    evaluation history stay), and an unfinished one resumes only with the settings its checkpoint was trained
+    with (`overwrite=true` discards that checkpoint instead)."""
+    if (run_dir / RESULTS_FILE).exists():
+        raise ConfigError(f"{run_dir} holds a finished run (results.json) and is never trained again; evaluate it "
+                          f"with arvision-eval run={run_dir}, or train into a new hydra.run.dir")
+    stored = run_dir / RUN_IDENTITY_FILE
+    if not stored.exists():
+        return
+    changed = _differences(json.loads(stored.read_text()), json.loads(json.dumps(run_identity(cfg), default=str)))
+    if not changed:
+        return
+    if not cfg.get("overwrite", False):
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ConfigError(f"{run_dir} holds an unfinished run trained with other settings ({shown}): rerun with its "
+                          f"settings to resume it, train into a new hydra.run.dir, or add overwrite=true to discard "
+                          f"its checkpoints")
+    log.warning("overwrite=true: discarding the unfinished run in %s (%s)", run_dir, "; ".join(changed))
+    shutil.rmtree(run_dir / "checkpoints" / "generator", ignore_errors=True)
+    stored.unlink()
+
+
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.pop("steps_scale", None)
@@ -123,7 +171,10 @@ def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: li
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+    # The two newest checkpoints (step=N.ckpt) and last.ckpt, a link to the newest: when the weights saved at step N
+    # give a non-finite loss, `roll_back` can point last.ckpt at the one before.
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", monitor="step", mode="max",
+                                                     save_top_k=2, save_last="link", enable_version_counter=False,
                                                      every_n_train_steps=cfg.checkpoint_every)
     # One "epoch" is the step sampler's whole schedule of seeded batches.
     return L.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=1, logger=loggers or False,
@@ -138,6 +189,26 @@ def instantiate_dict(node: DictConfig | None) -> list:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
+def roll_back(ckpt_dir: Path, bad_step: int) -> str:
+    """After a non-finite loss at trainer step `bad_step` (computed with the weights saved at that step, if any):
+    drop the checkpoints from that step on and point last.ckpt at the newest one before it; says what is kept."""
+    kept = None
+    for path in sorted(ckpt_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.removeprefix("step="))):
+        if int(path.stem.removeprefix("step=")) >= bad_step:
+            path.unlink()
+        else:
+            kept = path
+    last = ckpt_dir / "last.ckpt"
+    if kept is None:
+        last.unlink(missing_ok=True)
+        return "no checkpoint from before it is kept, so a rerun starts from scratch"
+    tmp = ckpt_dir / ".last.ckpt.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(kept.name)
+    os.replace(tmp, last)  # atomic: last.ckpt is the old link or the new one, never missing
+    return f"{last} now links to {kept.name}, the last checkpoint before the divergence"
+
+
 def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | None) -> tuple[float, int]:
     """Fit, resuming from `ckpt_path` when it exists; returns the wall-clock seconds of this call and the training
     steps it ran (fewer than max_steps after a resume, so img/s stays honest)."""
@@ -147,7 +218,10 @@ def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | N
         log.info("resuming from %s", resume)
         done = loader.sampler.start_step = completed_steps(resume)
     start = time.perf_counter()
-    trainer.fit(task, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(task, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
+    except NonFiniteLoss as err:
+        raise NonFiniteLoss(f"{err}; {roll_back(Path(trainer.default_root_dir), trainer.global_step)}") from None
     if trainer.interrupted:  # Lightning swallows Ctrl-C; the run must not carry on as if training had finished
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; rerun into the same run directory "
                                 f"to resume from {trainer.default_root_dir}/last.ckpt")
@@ -253,12 +327,17 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
     loader = step_loader(TokenDataset(tokens, labels), batch_size=train.batch_size, num_steps=train.max_steps,
                          seed=cfg.seed)
     ckpt_dir = run_dir / "checkpoints" / "generator"
+    write_json_atomic(run_dir / RUN_IDENTITY_FILE, run_identity(cfg))  # what its checkpoints will be trained with
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = make_trainer(cfg, max_steps=train.max_steps, ckpt_dir=ckpt_dir, loggers=loggers,
                            callbacks=instantiate_dict(cfg.get("callbacks")), grad_clip=train.grad_clip)
     ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else ckpt_dir / "last.ckpt"
     log.info("stage 2: training generator=%s for %d steps", cfg.generator.name, train.max_steps)
-    seconds, steps_run = fit(trainer, task, loader, ckpt)
+    try:
+        seconds, steps_run = fit(trainer, task, loader, ckpt)
+    except NonFiniteLoss as err:
+        raise NonFiniteLoss(f"{err}; to continue with other settings, train into a new hydra.run.dir with "
+                            f"ckpt_path={ckpt_dir / 'last.ckpt'}") from None
     torch.save({"generator": task.generator.state_dict(), "ema": task.ema.module.state_dict(),
                 "config": OmegaConf.to_container(cfg.generator.model, resolve=True), "num_classes": num_classes},
                run_dir / "generator.pt")
@@ -318,6 +397,7 @@ def run(cfg: DictConfig, run_dir: Path) -> RunRecord:
     # Everything that can be wrong with the request fails here, before any training.
     with stage(stages, "setup"):
         check_machine(cfg)
+        check_run_dir(cfg, run_dir)
         dm = build_datamodule(cfg)
         probe = build_tokenizer(cfg, dm)
         if cfg.train_generator:

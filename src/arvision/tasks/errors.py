@@ -1,2 +1,2 @@
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or inf; the run stops and the last good checkpoint is kept."""
+    """The training loss became NaN or inf: the run stops, keeping the newest checkpoint from before it."""

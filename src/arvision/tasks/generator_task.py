@@ -65,11 +65,21 @@ class GeneratorTask(ResumableTask):
         out = self.loss_fn()(tokens, labels)
         loss = out["loss"]
         if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"stage-2 loss is {loss.item()} at step {self.global_step}; stopped, the last good "
-                                f"checkpoint is kept (lower the learning rate or check the tokens)")
+            raise NonFiniteLoss(f"stage-2 loss is {loss.item()} at step {self.global_step}; stopped (lower "
+                                f"generator.train.lr or check the tokens)")
         self.log_dict({f"stage2/{k}": v.detach() for k, v in out.items() if k != "loss"})
         self.log("stage2/loss", loss.detach(), prog_bar=True)
         return loss
+
+    def on_train_start(self) -> None:
+        # Continuing another run's checkpoint (ckpt_path=) with another learning rate: the restored optimiser and
+        # schedule carry the old one, and this run's setting wins. Resuming a run with its own settings changes nothing.
+        scheduler = self.lr_schedulers()
+        if list(scheduler.base_lrs) != [self.lr] * len(scheduler.base_lrs):
+            scheduler.base_lrs = [self.lr] * len(scheduler.base_lrs)
+            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = self.lr
+                group["lr"] = self.lr * factor(scheduler.last_epoch)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

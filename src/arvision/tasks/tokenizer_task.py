@@ -71,8 +71,8 @@ class TokenizerTask(ResumableTask):
 
     def _check(self, loss: torch.Tensor) -> None:
         if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"stage-1 loss is {loss.item()} at step {int(self.updates)}; stopped, the last good "
-                                f"checkpoint is kept (lower the learning rate or check the data)")
+            raise NonFiniteLoss(f"stage-1 loss is {loss.item()} at step {int(self.updates)}; stopped (lower "
+                                f"tokenizer.train.lr, which trains a new tokenizer artifact, or check the data)")
 
     def training_step(self, batch, batch_idx: int) -> None:
         images = batch[0]
