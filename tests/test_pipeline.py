@@ -151,17 +151,23 @@ def test_stage1_killed_before_half_way_resumes_to_the_same_tokenizer(tiny_cfg, t
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
 
 
-@pytest.mark.parametrize("checkpoint_every, kept", [(3, 3), (2, 2)])  # (2, 2): the step-4 weights gave the NaN
-def test_nan_loss_stops_and_keeps_the_last_checkpoint_from_before_it(checkpoint_every, kept, tiny_cfg, tmp_path,
-                                                                     monkeypatch):
+def poison_loss(monkeypatch, *, at_step: int, value: float):
+    """From stage-2 step `at_step` on, the generator's loss is `value`; returns the unpatched training step."""
     original = GeneratorTask.training_step
 
     def poisoned(self, batch, batch_idx):
-        if self.global_step == 4:
-            monkeypatch.setattr(self.generator, "loss", lambda *a: {"loss": torch.tensor(float("nan"))})
+        if self.global_step == at_step:
+            monkeypatch.setattr(self.generator, "loss", lambda *a: {"loss": torch.tensor(value)})
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(GeneratorTask, "training_step", poisoned)
+    return original
+
+
+@pytest.mark.parametrize("checkpoint_every, kept", [(3, 3), (2, 2)])  # (2, 2): the step-4 weights gave the NaN
+def test_nan_loss_stops_and_keeps_the_last_checkpoint_from_before_it(checkpoint_every, kept, tiny_cfg, tmp_path,
+                                                                     monkeypatch):
+    poison_loss(monkeypatch, at_step=4, value=float("nan"))
     with pytest.raises(NonFiniteLoss, match=r"nan at step 4") as err:
         pipeline.run(tiny_cfg("generator.train.max_steps=8", f"checkpoint_every={checkpoint_every}"), tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt"
@@ -175,14 +181,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint_from_before_it(checkpoint_
 def test_after_a_nan_stop_a_new_run_continues_from_the_kept_checkpoint_with_its_own_lr(tiny_cfg, tmp_path,
                                                                                         monkeypatch):
     overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
-    original = GeneratorTask.training_step
-
-    def poisoned(self, batch, batch_idx):
-        if self.global_step == 5:
-            monkeypatch.setattr(self.generator, "loss", lambda *a: {"loss": torch.tensor(float("inf"))})
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(GeneratorTask, "training_step", poisoned)
+    original = poison_loss(monkeypatch, at_step=5, value=float("inf"))
     with pytest.raises(NonFiniteLoss, match=r"inf at step 5"):
         pipeline.run(tiny_cfg(*overrides), tmp_path / "a")
     monkeypatch.setattr(GeneratorTask, "training_step", original)
