@@ -51,6 +51,18 @@ def test_failed_build_leaves_nothing_behind_and_can_be_retried(tmp_path):
     assert cache.meta(path) == {"ok": True}
 
 
+def test_a_killed_builds_scratch_folder_is_removed_by_the_next_build(tmp_path):
+    """SIGKILL skips the build's clean-up: its `<key>.tmp-*` folder stays until the next build of that key."""
+    cache = ArtifactCache(tmp_path)
+    stale = tmp_path / "tok" / "k.tmp-killed"
+    (stale / "sub").mkdir(parents=True)
+    other = tmp_path / "tok" / "other.tmp-running"  # another key's build may still be running: left alone
+    other.mkdir()
+    cache.get_or_build("tok", "k", lambda tmp: {"ok": True})
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["k", "k.lock", "other.tmp-running"]
+
+
 def test_concurrent_jobs_build_once(tmp_path):
     cache, calls, results = ArtifactCache(tmp_path), [], []
 

@@ -4,6 +4,7 @@ machine) and a 2-trial Optuna search whose objective is the generator FID that a
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -38,10 +39,15 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
 
 def test_joblib_launcher_runs_the_sweep_jobs_in_parallel_processes(tmp_path):
     # make demo's launcher: two jobs at once, each in its own worker process, sharing the artifact cache.
+    long_tag = "t" * 300  # an override value longer than a file name may be
     done = _train(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "debug=tiny", "data=shapes",
-                  "train_generator=false", "evaluate=false", "tokenizer.model.vocab_size=16,32")
+                  "train_generator=false", "evaluate=false", "tokenizer.model.vocab_size=16,32", f"tags=[{long_tag}]")
     assert done.returncode == 0, done.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    # job folders are the job number and a hash of its overrides (resolved in the worker processes too)
+    assert all(re.fullmatch(r"[01]_[0-9a-f]{8}", job.name) for job in sweep.iterdir() if job.is_dir()
+               and not job.name.startswith("."))
+    assert len([job for job in sweep.iterdir() if re.fullmatch(r"[01]_[0-9a-f]{8}", job.name)]) == 2
     results = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
     assert sorted(r["spec"]["vocab_size"] for r in results) == [16, 32]
     # each job's record: the current schema, and the overrides that rerun that job alone

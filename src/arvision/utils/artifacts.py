@@ -64,6 +64,8 @@ class ArtifactCache:
         with _locked(self.root / kind / f"{key}.lock"):
             if self.exists(kind, key):  # built by another job while we waited
                 return final
+            for stale in (self.root / kind).glob(f"{key}.tmp-*"):  # left by a build that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=self.root / kind))
             try:
                 meta = build(tmp)
