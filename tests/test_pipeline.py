@@ -295,6 +295,8 @@ def test_ddp_two_processes_on_cpu_train_as_one_process_on_the_global_batch(tiny_
     (run,) = list((tmp_path / "outputs" / "train" / "runs").iterdir())
     results = json.loads((run / "results.json").read_text())
     assert results["config"]["trainer"]["devices"] == 2 and results["config"]["trainer"]["strategy"] == "ddp_spawn"
+    costs, steps = results["costs"], results["config"]["generator"]["train"]["max_steps"]
+    assert costs["stage2_img_per_s"] == pytest.approx(steps * 16 / costs["stage2_seconds"])  # both ranks' images
     assert results["tokenizer_artifact"] == single["tokenizer_artifact"]
     assert results["metrics"]["generator"]["test_loss"]["value"] < untrained_test_loss(tiny_cfg(*same), results) - 0.05
     ddp, one = _final_weights(run), _final_weights(tmp_path / "single")

@@ -225,7 +225,9 @@ def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | N
     if trainer.interrupted:  # Lightning swallows Ctrl-C; the run must not carry on as if training had finished
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; rerun into the same run directory "
                                 f"to resume from {trainer.default_root_dir}/last.ckpt")
-    return time.perf_counter() - start, task.completed_steps() - done
+    # A fit that returns ran to the end of the step schedule; counted from the schedule, not from `task`, whose step
+    # counter stays at 0 in the launching process when the ranks are spawned (trainer=ddp_sim).
+    return time.perf_counter() - start, loader.sampler.num_steps - done
 
 
 # --------------------------------------------------------------------------------------------- stage 1
