@@ -224,6 +224,14 @@ def test_sample_export_is_adm_layout_class_balanced_and_takes_sampling_overrides
     assert printed.rstrip().endswith(exported.message.split(" img/s")[1])
 
 
+@pytest.mark.parametrize("bad", ["num_samples=0", "num_samples=-5", "batch_size=0"])
+def test_sample_export_refuses_a_bad_count_before_any_work(bad, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_run", lambda *a, **k: pytest.fail("loaded the run before checking"))
+    with pytest.raises(pipeline.ConfigError, match=r"^(num_samples|batch_size)=-?\d+: must be an integer ≥ 1$"):
+        export(sample_config(tmp_path / "run", bad))
+    assert not list(tmp_path.rglob("*.npz"))
+
+
 def test_a_sampling_override_the_generator_lacks_fails_before_any_work(tiny_cfg, tmp_path, monkeypatch, capsys):
     pipeline.run(tiny_cfg("evaluate=false"), tmp_path / "run")
     settings = ", ".join(json.loads((tmp_path / "run" / "results.json").read_text())

@@ -26,6 +26,7 @@ from arvision import pipeline
 from arvision.evaluation import balanced_labels, sample_images, to_uint8
 from arvision.generators.base import Generator
 from arvision.generators.editing import EDITS, REGIONS, edit_images, editable_generators, known_pixels, masked_preview
+from arvision.utils.validate import SettingError, check_range
 
 PREVIEW_COLUMNS, PREVIEW_MAX = 16, 64  # the edit PNG: row blocks of 16 (original / masked / edited), ≤ 64 images
 
@@ -43,6 +44,11 @@ class Exported:
 
 def export(cfg: DictConfig) -> Exported:
     """arvision-sample: samples (`edit=null`) or edits of test images (see the module docstring)."""
+    try:
+        for key in ("num_samples", "batch_size"):
+            check_range(key, cfg[key], minimum=1, integer=True)
+    except SettingError as err:
+        raise pipeline.ConfigError(str(err)) from None
     if cfg.get("edit") is not None:
         return export_edits(cfg)
     return export_samples(cfg)

@@ -35,7 +35,8 @@ from arvision.tasks.resume import completed_steps
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
-from arvision.utils.instantiate import instantiate
+from arvision.utils.instantiate import RefusedTarget, check_target, instantiate
+from arvision.utils.validate import SettingError, check_model_keys, check_range
 
 log = logging.getLogger("arvision")
 
@@ -76,6 +77,35 @@ def finalize_config(cfg: DictConfig) -> DictConfig:
 
 class ConfigError(ValueError):
     """A request that cannot run on this machine or with these settings; raised before any training."""
+
+
+# Keyword arguments a model config does not hold: the pipeline fills them at run time.
+SUPPLIED_AT_RUN_TIME = {"tokenizer": ("image_size", "image_channels"), "generator": ("spec", "num_classes")}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Every model key against the constructor it fills, and every training and evaluation number against its
+    range, before any work: one line naming the key, the value and what is allowed."""
+    try:
+        for group in ("tokenizer", "generator") if cfg.train_generator else ("tokenizer",):
+            node = cfg[group]
+            check_model_keys(check_target(node.model._target_), OmegaConf.to_container(node.model, resolve=True),
+                             where=f"{group}.model", supplied=SUPPLIED_AT_RUN_TIME[group])
+            train, where = node.train, f"{group}.train"
+            for key in ("batch_size", "max_steps"):
+                check_range(f"{where}.{key}", train[key], minimum=1, integer=True)
+            check_range(f"{where}.warmup_steps", train.warmup_steps, minimum=0, integer=True)
+            check_range(f"{where}.lr", train.lr, above=0)
+            check_range(f"{where}.weight_decay", train.weight_decay, minimum=0)
+            check_range(f"{where}.grad_clip", train.get("grad_clip"), minimum=0, optional=True)
+        if cfg.train_generator:
+            check_range("generator.train.ema_decay", cfg.generator.train.ema_decay, minimum=0, below=1)
+        check_range("checkpoint_every", cfg.checkpoint_every, minimum=1, integer=True)
+        if cfg.evaluate:
+            for key in ("num_samples", "num_reference", "batch_size"):
+                check_range(f"metrics.{key}", cfg.metrics[key], minimum=1, integer=True)
+    except (SettingError, RefusedTarget) as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_machine(cfg: DictConfig) -> None:
@@ -398,6 +428,7 @@ def run(cfg: DictConfig, run_dir: Path) -> RunRecord:
 
     # Everything that can be wrong with the request fails here, before any training.
     with stage(stages, "setup"):
+        check_settings(cfg)
         check_machine(cfg)
         check_run_dir(cfg, run_dir)
         dm = build_datamodule(cfg)
