@@ -357,3 +357,20 @@ def test_missing_inception_weights_say_which_file_and_where(tmp_path, monkeypatc
     message = inception_hint(MissingWeights(f"Inception weights not found: put {INCEPTION_WEIGHTS_FILE} in …"))
     assert INCEPTION_WEIGHTS_FILE in message and URL_INCEPTION_V3 in message
     assert "metrics.inception_weights" in message
+
+
+def test_unreadable_results_files_are_skipped_with_one_warning_each_and_a_count(tmp_path, capsys):
+    import shutil
+    for name in ("raster_vq", "acdit_vae"):
+        shutil.copytree(FIXTURE / "paradigms" / name, tmp_path / name)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text('{"tokenizer": "vq", ')  # truncated
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "results.json").write_bytes(b'{"tokenizer": "\xe9"}')  # not UTF-8
+    table_cli.main([str(tmp_path), "--columns", "model,FID"])
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 2 + 2  # header, rule and the two readable runs
+    warnings = [line for line in err.splitlines() if line.startswith("arvision-table: warning: skipped ")]
+    assert len(warnings) == 2 and any("broken/results.json is not valid JSON" in w for w in warnings)
+    assert any("latin1/results.json is not UTF-8 text" in w for w in warnings)
+    assert err.splitlines()[-1] == "arvision-table: skipped 2 unreadable results.json"

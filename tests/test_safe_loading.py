@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from arvision import pipeline
 from arvision.tokenizers import VQTokenizer
+from arvision.utils.files import UnreadableFile
 from arvision.utils.instantiate import RefusedTarget, instantiate
 
 
@@ -54,3 +58,45 @@ def test_the_classes_the_configs_name_are_allowed():
                    "arvision.data.ImageDataModule", "lightning.pytorch.loggers.CSVLogger",
                    "lightning.pytorch.callbacks.LearningRateMonitor"):
         instantiate({"_target_": target, "_partial_": True})
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_generator_file_is_named_in_one_line(tiny_cfg, tmp_path, capsys):
+    from arvision.cli import sample as sample_cli
+    from tests.test_pipeline import sample_config
+
+    pipeline.run(tiny_cfg("evaluate=false"), tmp_path / "run")
+    _truncate(tmp_path / "run" / "generator.pt")
+    tokenizer = pipeline.load_tokenizer(Path(json.loads((tmp_path / "run" / "results.json").read_text())
+                                             ["tokenizer_artifact"]))
+    with pytest.raises(UnreadableFile, match=r"generator\.pt cannot be read \(.*\): it is truncated, corrupt or not "):
+        pipeline.load_generator(tmp_path / "run", tokenizer)
+    with pytest.raises(SystemExit):
+        sample_cli.main.__wrapped__(sample_config(tmp_path / "run", "num_samples=4"))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arvision:")]
+    assert len(errors) == 1 and "generator.pt cannot be read" in errors[0]
+
+
+def test_a_truncated_checkpoint_stops_the_resume_in_one_line(tiny_cfg, tmp_path, monkeypatch):
+    from arvision.tasks import GeneratorTask
+
+    overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
+    original = GeneratorTask.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GeneratorTask, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(tiny_cfg(*overrides), tmp_path / "run")
+    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    last = tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt"
+    _truncate(last.resolve())
+    with pytest.raises(UnreadableFile, match=r"step=2\.ckpt cannot be read|last\.ckpt cannot be read"):
+        pipeline.run(tiny_cfg(*overrides), tmp_path / "run")

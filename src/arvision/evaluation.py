@@ -24,6 +24,7 @@ from arvision.metrics import (ClassifierExtractor, ClassifierNet, CodebookUsage,
 from arvision.results import metric
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache
+from arvision.utils.files import load_weights
 
 log = logging.getLogger("arvision")
 
@@ -50,7 +51,7 @@ def get_extractor(cfg: DictConfig, dm, cache: ArtifactCache, key: str) -> tuple[
                 "num_test": len(dm.test_set)}
 
     path = cache.get_or_build("classifier", key, build)
-    blob = torch.load(path / "classifier.pt", map_location="cpu", weights_only=True)
+    blob = load_weights(path / "classifier.pt")
     net = ClassifierNet(in_channels=blob["in_channels"], num_classes=blob["num_classes"], width=blob["width"])
     net.load_state_dict(blob["state_dict"])
     meta = ArtifactCache.meta(path)

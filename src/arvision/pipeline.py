@@ -35,6 +35,7 @@ from arvision.tasks.resume import completed_steps
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
+from arvision.utils.files import load_weights
 from arvision.utils.instantiate import RefusedTarget, check_target, instantiate
 from arvision.utils.validate import SettingError, check_model_keys, check_range
 
@@ -297,7 +298,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    blob = torch.load(path / "tokenizer.pt", map_location="cpu", weights_only=True)
+    blob = load_weights(path / "tokenizer.pt")
     tokenizer = instantiate(blob["config"], image_size=blob["image_size"], image_channels=blob["image_channels"])
     tokenizer.load_state_dict(blob["state_dict"])
     return tokenizer.eval().requires_grad_(False)
@@ -335,7 +336,7 @@ def get_token_cache(cfg: DictConfig, tokenizer: Tokenizer, tokenizer_dir: Path, 
                 "encode_seconds": time.perf_counter() - start}
 
     path = cache.get_or_build("tokens", key, build)
-    blob = torch.load(path / "tokens.pt", map_location="cpu", weights_only=True)
+    blob = load_weights(path / "tokens.pt")
     return blob["tokens"], blob["labels"]
 
 
@@ -377,7 +378,7 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
 
 
 def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> Generator:
-    blob = torch.load(Path(run_dir) / "generator.pt", map_location="cpu", weights_only=True)
+    blob = load_weights(Path(run_dir) / "generator.pt")
     generator = instantiate(blob["config"])(spec=tokenizer.spec, num_classes=blob["num_classes"])
     generator.attach_tokenizer(tokenizer)
     generator.load_state_dict(blob["ema" if ema else "generator"])

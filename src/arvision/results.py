@@ -235,6 +235,8 @@ def read_results(directory: str | os.PathLike) -> RunRecord:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ResultsError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); rerun what wrote it") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not UTF-8 text; rerun what wrote it") from None
     return upgrade(record, source=str(path))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from arvision.results import RESULTS_FILE, read_results
+from arvision.results import RESULTS_FILE, ResultsError, read_results
 
 # Paradigm family of each generator, as the VAR paper's Table 1 names them (documented in notebooks/README.md).
 PARADIGM_TYPES = {
@@ -215,9 +215,13 @@ def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "lates
         raise ValueError(f"evaluations must be 'latest' or 'rows', got {evaluations!r}")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"no runs directory {root}")
-    rows = []
+    rows, skipped = [], []
     for path in sorted(Path(root).rglob(RESULTS_FILE)):
-        results = read_results(path.parent)
+        try:
+            results = read_results(path.parent)
+        except ResultsError as err:  # one unreadable file does not hide the others: skipped and reported
+            skipped.append(str(err))
+            continue
         base = _run_row(path, results, Path(root))
         entries = results.get("evaluations", [])
         if evaluations == "latest":
@@ -227,7 +231,9 @@ def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "lates
         else:
             rows.append({**base, "source": "train"})
             rows.extend({**base, **_evaluation_row(e), "source": e.get("date")} for e in entries)
-    return _derive(pd.DataFrame(rows))
+    frame = _derive(pd.DataFrame(rows))
+    frame.attrs["skipped"] = skipped  # why each unreadable results.json was left out
+    return frame
 
 
 __all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "rerun_command", "runs_dir", "tokens_per_image"]

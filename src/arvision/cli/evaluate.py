@@ -26,6 +26,7 @@ from arvision.pipeline import ConfigError
 from arvision.reevaluate import EvalError, inception_hint, reevaluate, summary_row
 from arvision.results import ResultsError
 from arvision.utils.device import DeviceError
+from arvision.utils.files import UnreadableFile
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
@@ -34,7 +35,8 @@ def main(cfg: DictConfig) -> None:
         entry = reevaluate(cfg)
     except MissingWeights as err:
         fail(inception_hint(err))
-    except (FileNotFoundError, DatasetNotFound, EvalError, ConfigError, DeviceError, ResultsError) as err:
+    except (FileNotFoundError, DatasetNotFound, EvalError, ConfigError, DeviceError, ResultsError,
+            UnreadableFile) as err:
         fail(str(err))
     print_table(f"arvision-eval {cfg.run or cfg.npz} ({entry['device']['type']})", [summary_row(entry)])
     print(f"appended to {entry['results_file']}: " + json.dumps({"select": entry["settings"]["select"],

@@ -24,13 +24,14 @@ from arvision.cli.common import config_dir, fail
 from arvision.export import EditError, export
 from arvision.pipeline import ConfigError
 from arvision.results import ResultsError
+from arvision.utils.files import UnreadableFile
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="sample")
 def main(cfg: DictConfig) -> None:
     try:
         exported = export(cfg)
-    except (FileNotFoundError, EditError, ConfigError, ResultsError) as err:
+    except (FileNotFoundError, EditError, ConfigError, ResultsError, UnreadableFile) as err:
         fail(str(err))
     print(exported.message)
 

@@ -23,6 +23,7 @@ from arvision.metrics import MissingWeights
 from arvision.results import RESULTS_FILE, run_summary, value
 from arvision.tasks import NonFiniteLoss
 from arvision.tokenizers.base import MissingExtra
+from arvision.utils.files import UnreadableFile
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
@@ -30,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = pipeline.run(cfg, run_dir)
-    except (pipeline.ConfigError, DatasetNotFound, IncompatibleTokenizer, MissingExtra, MissingWeights,
+    except (pipeline.ConfigError, DatasetNotFound, IncompatibleTokenizer, MissingExtra, MissingWeights, UnreadableFile,
             NonFiniteLoss) as err:
         fail(str(err))
     if pipeline.world_rank() == 0:

@@ -11,6 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from arvision.utils.files import load_weights
+
 
 class ResumableTask(L.LightningModule):
     def completed_steps(self) -> int:
@@ -26,5 +28,5 @@ class ResumableTask(L.LightningModule):
 
 
 def completed_steps(ckpt_path: str | Path) -> int:
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_weights(ckpt_path, mmap=True)
     return int(checkpoint.get("completed_steps", checkpoint["global_step"]))

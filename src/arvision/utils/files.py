@@ -1,0 +1,28 @@
+"""Reading the files arvision writes (weights, checkpoints, artifacts, token caches) as data, with one clear line
+for a file that is truncated, corrupt or not one of arvision's."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UnreadableFile(ValueError):
+    """A file that exists but cannot be read back; the message names it and says what to do."""
+
+
+def load_weights(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """`torch.load` of a file arvision wrote: tensors and plain containers only (`weights_only`, never code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:100]
+        raise UnreadableFile(f"{path} cannot be read ({reason}): it is truncated, corrupt or not written by "
+                             f"arvision; restore it, or delete it to rebuild") from None
