@@ -25,6 +25,7 @@ from arvision.data import (
     load_fashion_mnist,
 )
 from arvision.data import datasets as datasets_module
+from arvision.data.datasets import CorruptDataset
 from arvision.data.tokens import ImageBatches, step_loader
 from tests.conftest import FASHION_MNIST, needs_fashion_mnist
 
@@ -74,6 +75,26 @@ def test_missing_demo_data_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="make data"):
         conftest.needs_fashion_mnist()
+
+
+@pytest.mark.parametrize("damage", ["truncated gzip", "truncated array", "not idx"])
+def test_a_damaged_fashion_mnist_file_is_named_in_one_line(damage, tmp_path) -> None:
+    write_fake_fashion(tmp_path, n_train=30, n_test=10)
+    path = next(tmp_path.glob("train-images-idx3-ubyte*"))
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if damage == "truncated gzip":
+        data = gzip.compress(raw)
+        data = data[: len(data) // 2]
+    elif damage == "truncated array":
+        data = gzip.compress(raw[: len(raw) - 100])
+    else:
+        data = gzip.compress(b"PNG not an idx file")
+    path.unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(data)
+    with pytest.raises(CorruptDataset, match=r"train-images-idx3-ubyte\.gz.*delete it and fetch the dataset again") \
+            as err:
+        load_fashion_mnist(root=str(tmp_path), split="train")
+    assert "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +191,7 @@ def test_fashion_mnist_root_is_searched_before_system(tmp_path: Path, monkeypatc
 def test_corrupt_idx_file_is_a_clear_error(tmp_path: Path) -> None:
     write_fake_fashion(tmp_path)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x03" + b"\0" * 20))
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
+    with pytest.raises(CorruptDataset, match="train-images-idx3-ubyte.gz: its header says shape"):
         load_fashion_mnist(root=str(tmp_path), split="train")
 
 

@@ -10,6 +10,7 @@ import gzip
 import logging
 import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +41,27 @@ def to_uint8(images: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------- Fashion-MNIST
 
 
+class CorruptDataset(DatasetNotFound):
+    """A data file is there but cannot be read (a truncated download); the message names it."""
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """Parse an unsigned-byte idx file (optionally gzipped): big-endian header, then the raw array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    fix = "delete it and fetch the dataset again"
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as err:
+        raise CorruptDataset(f"{path} cannot be read ({err}): {fix}") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != _IDX_UBYTE:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
+        raise CorruptDataset(f"{path} is not an unsigned-byte idx file: {fix}")
     ndim = data[3]
     header = 4 + 4 * ndim
     shape = struct.unpack(f">{ndim}I", data[4:header])
     if len(data) - header != math.prod(shape):
-        raise ValueError(f"{path}: header says shape {shape} but the file holds {len(data) - header} bytes")
+        raise CorruptDataset(f"{path}: its header says shape {shape} but it holds {len(data) - header} bytes "
+                             f"(truncated?): {fix}")
     # bytearray makes the array writable, so torch.from_numpy shares it without a warning.
     return np.frombuffer(bytearray(data[header:]), dtype=np.uint8).reshape(shape)
 
