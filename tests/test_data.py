@@ -171,7 +171,7 @@ def test_fashion_mnist_from_root(tmp_path: Path, layout: str) -> None:
 def test_fashion_mnist_missing_names_three_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets_module, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "not_installed")
     with pytest.raises(DatasetNotFound) as info:
-        load_fashion_mnist(root=str(tmp_path / "empty"), split="train")
+        load_fashion_mnist(root=None, split="train")
     message = str(info.value)
     assert "\n" not in message
     for way in ("apt-get install dataset-fashion-mnist", "data.root=", "data.download=true"):
@@ -186,6 +186,15 @@ def test_fashion_mnist_root_is_searched_before_system(tmp_path: Path, monkeypatc
     monkeypatch.setattr(datasets_module, "SYSTEM_FASHION_MNIST_DIR", system)
     assert len(load_fashion_mnist(root=str(tmp_path / "mine"), split="train")[0]) == 4
     assert len(load_fashion_mnist(root=None, split="train")[0]) == 3
+
+
+def test_a_data_root_without_the_files_is_an_error_not_a_fallback(tmp_path: Path, monkeypatch) -> None:
+    write_fake_fashion(tmp_path / "system", n_train=3)
+    monkeypatch.setattr(datasets_module, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "system")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFound, match=r"no Fashion-MNIST train files .* in data\.root=.*empty; point") as err:
+        load_fashion_mnist(root=str(tmp_path / "empty"), split="train")
+    assert "\n" not in str(err.value)
 
 
 def test_corrupt_idx_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -92,19 +92,21 @@ def load_fashion_mnist(
 ) -> tuple[Tensor, Tensor]:
     """Fashion-MNIST as uint8 images (N, 1, 28, 28) and int64 labels; train has 60k images, test 10k.
 
-    Looks in `root` (if given), then in the Debian package's folder, then (only if `download`) fetches it with
-    torchvision into `download_dir`.
+    Looks in `root` only when it is given (an explicit choice: never another copy instead), else in the Debian
+    package's folder, then (only if `download`) fetches it with torchvision into `download_dir`.
     """
     if split not in _FASHION_PREFIX:
         raise ValueError(f"split must be one of {sorted(_FASHION_PREFIX)}, got {split!r}")
-    folders = ([Path(root)] if root is not None else []) + [SYSTEM_FASHION_MNIST_DIR]
-    if download:
-        folders.append(Path(download_dir))  # an earlier run may have downloaded it already
+    if root is not None:
+        found = _load_split_from(Path(root), split)
+        if found is None:
+            raise DatasetNotFound(f"no Fashion-MNIST {split} files ({_FASHION_PREFIX[split]}-images-idx3-ubyte[.gz] "
+                                  f"and -labels-idx1-ubyte[.gz]) in data.root={root}; point data.root at the folder "
+                                  f"that holds them, or drop data.root to use the installed dataset")
+        return found
+    folders = [SYSTEM_FASHION_MNIST_DIR] + ([Path(download_dir)] if download else [])  # earlier downloads too
     for folder in folders:
-        found = _load_split_from(folder, split)
-        if found is not None:
-            if root is not None and folder != Path(root):
-                log.warning("no Fashion-MNIST %s files in data.root=%s; using %s", split, root, folder)
+        if (found := _load_split_from(folder, split)) is not None:
             return found
     if download and (found := _download_fashion_mnist(Path(download_dir), split)) is not None:
         return found
