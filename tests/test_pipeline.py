@@ -164,6 +164,28 @@ def poison_loss(monkeypatch, *, at_step: int, value: float):
     return original
 
 
+def test_a_kill_that_left_no_last_checkpoint_link_resumes_from_the_newest_step_file(tiny_cfg, tmp_path,
+                                                                                    monkeypatch):
+    overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
+    pipeline.run(tiny_cfg(*overrides), tmp_path / "straight")
+    original = GeneratorTask.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GeneratorTask, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")
+    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    (tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt").unlink()  # killed between unlink and link
+    resumed = pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")
+    assert resumed["costs"]["stage2_img_per_s"] == pytest.approx(4 * 16 / resumed["costs"]["stage2_seconds"])
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    assert all(torch.allclose(a["generator"][k], b["generator"][k], atol=1e-6) for k in a["generator"])
+
+
 @pytest.mark.parametrize("checkpoint_every, kept", [(3, 3), (2, 2)])  # (2, 2): the step-4 weights gave the NaN
 def test_nan_loss_stops_and_keeps_the_last_checkpoint_from_before_it(checkpoint_every, kept, tiny_cfg, tmp_path,
                                                                      monkeypatch):

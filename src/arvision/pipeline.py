@@ -220,12 +220,24 @@ def instantiate_dict(node: DictConfig | None) -> list:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
+def _step_of(path: Path) -> int:
+    return int(path.stem.removeprefix("step="))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path:
+    """last.ckpt, or the newest step=N.ckpt when it is missing: a kill between Lightning removing the old link and
+    making the new one must not lose the run."""
+    last = ckpt_dir / "last.ckpt"
+    steps = sorted(ckpt_dir.glob("step=*.ckpt"), key=_step_of)
+    return last if last.exists() or not steps else steps[-1]
+
+
 def roll_back(ckpt_dir: Path, bad_step: int) -> str:
     """After a non-finite loss at trainer step `bad_step` (computed with the weights saved at that step, if any):
     drop the checkpoints from that step on and point last.ckpt at the newest one before it; says what is kept."""
     kept = None
-    for path in sorted(ckpt_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.removeprefix("step="))):
-        if int(path.stem.removeprefix("step=")) >= bad_step:
+    for path in sorted(ckpt_dir.glob("step=*.ckpt"), key=_step_of):
+        if _step_of(path) >= bad_step:
             path.unlink()
         else:
             kept = path
@@ -277,7 +289,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
                            ckpt_dir=work_dir, loggers=instantiate_dict(cfg.get("logger")),
                            callbacks=instantiate_dict(cfg.get("callbacks")))
     log.info("stage 1: training tokenizer=%s for %d steps", cfg.tokenizer.name, train.max_steps)
-    seconds, steps_run = fit(trainer, task, loader, work_dir / "last.ckpt")
+    seconds, steps_run = fit(trainer, task, loader, latest_checkpoint(work_dir))
     calibration: dict[str, float] = {}
     if tokenizer.has_scaling_factor:
         # Continuous tokenizers: unit-variance latents for stage 2 (LDM), measured once on training images.
@@ -364,7 +376,7 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
     loggers = instantiate_dict(cfg.get("logger"))
     trainer = make_trainer(cfg, max_steps=train.max_steps, ckpt_dir=ckpt_dir, loggers=loggers,
                            callbacks=instantiate_dict(cfg.get("callbacks")), grad_clip=train.grad_clip)
-    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else ckpt_dir / "last.ckpt"
+    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else latest_checkpoint(ckpt_dir)
     log.info("stage 2: training generator=%s for %d steps", cfg.generator.name, train.max_steps)
     try:
         seconds, steps_run = fit(trainer, task, loader, ckpt)
