@@ -93,3 +93,24 @@ def untrained_psnr(cfg: DictConfig) -> float:
     images = dm.reference_images(min(cfg.metrics.num_reference, len(dm.test_set)))[0].float() / 127.5 - 1
     with torch.no_grad():
         return psnr(tokenizer.decode(tokenizer.encode(images)), images).mean().item()
+
+
+def run_crashing_at(monkeypatch, cfg: DictConfig, run_dir: Path, step: int, *, stage: int = 2) -> None:
+    """`pipeline.run` that crashes when training of `stage` reaches `step` (its checkpoints so far stay, as after a
+    kill); the training step is restored afterwards, so a rerun resumes normally."""
+    from arvision import pipeline
+    from arvision.tasks import GeneratorTask, TokenizerTask
+
+    task = GeneratorTask if stage == 2 else TokenizerTask
+    original = task.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.completed_steps() == step:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(task, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(cfg, run_dir)
+    monkeypatch.setattr(task, "training_step", original)
+

@@ -25,7 +25,7 @@ from arvision.reevaluate import reevaluate
 from arvision.results import SCHEMA_VERSION
 from arvision.tasks import GeneratorTask, NonFiniteLoss, TokenizerTask
 from arvision.tokenizers.base import TokenSpec, Tokenizer
-from tests.conftest import REPO, cli_env, compose_train, untrained_psnr, untrained_test_loss
+from tests.conftest import REPO, cli_env, compose_train, run_crashing_at, untrained_psnr, untrained_test_loss
 
 
 def test_tiny_run_writes_results_with_provenance(tiny_cfg, tmp_path):
@@ -94,21 +94,11 @@ def test_killed_run_resumes_to_the_same_weights(checkpoint_every, crash_at, tiny
     overrides = ("generator.train.max_steps=8", f"checkpoint_every={checkpoint_every}", "evaluate=false")
     pipeline.run(tiny_cfg(*overrides), tmp_path / "straight")
 
-    original = GeneratorTask.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.global_step == crash_at:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(GeneratorTask, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")
+    run_crashing_at(monkeypatch, tiny_cfg(*overrides), tmp_path / "resumed", crash_at)
     saved = torch.load(tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt", weights_only=True)
     kept = crash_at - crash_at % checkpoint_every  # the last checkpoint before the crash
     assert saved["global_step"] == kept
     assert not (tmp_path / "resumed" / "generator.pt").exists()
-    monkeypatch.setattr(GeneratorTask, "training_step", original)
     resumed = pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")  # same run dir: resumes from `kept`
     stage2 = resumed["costs"]
     assert stage2["stage2_img_per_s"] == pytest.approx((8 - kept) * 16 / stage2["stage2_seconds"])  # steps it ran
@@ -128,17 +118,8 @@ def test_killed_run_resumes_to_the_same_weights(checkpoint_every, crash_at, tiny
 def test_stage1_killed_before_half_way_resumes_to_the_same_tokenizer(tiny_cfg, tmp_path, monkeypatch):
     overrides = ("tokenizer.train.max_steps=8", "checkpoint_every=2", "train_generator=false", "evaluate=false")
     pipeline.run(tiny_cfg(*overrides, root=tmp_path / "straight"), tmp_path / "straight" / "run")
-    original = TokenizerTask.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.completed_steps() == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(TokenizerTask, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run(tiny_cfg(*overrides, root=tmp_path / "resumed"), tmp_path / "resumed" / "run")
-    monkeypatch.setattr(TokenizerTask, "training_step", original)
+    run_crashing_at(monkeypatch, tiny_cfg(*overrides, root=tmp_path / "resumed"), tmp_path / "resumed" / "run", 3,
+                    stage=1)
     pipeline.run(tiny_cfg(*overrides, root=tmp_path / "resumed"), tmp_path / "resumed" / "run")
 
     (straight,), (resumed,) = ((tmp_path / run / "artifacts" / "tokenizer").glob("*/tokenizer.pt")
@@ -168,17 +149,7 @@ def test_a_kill_that_left_no_last_checkpoint_link_resumes_from_the_newest_step_f
                                                                                     monkeypatch):
     overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
     pipeline.run(tiny_cfg(*overrides), tmp_path / "straight")
-    original = GeneratorTask.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.global_step == 5:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(GeneratorTask, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")
-    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    run_crashing_at(monkeypatch, tiny_cfg(*overrides), tmp_path / "resumed", 5)
     (tmp_path / "resumed" / "checkpoints" / "generator" / "last.ckpt").unlink()  # killed between unlink and link
     resumed = pipeline.run(tiny_cfg(*overrides), tmp_path / "resumed")
     assert resumed["costs"]["stage2_img_per_s"] == pytest.approx(4 * 16 / resumed["costs"]["stage2_seconds"])
@@ -277,7 +248,7 @@ def test_a_sampling_override_the_generator_lacks_fails_before_any_work(tiny_cfg,
 def test_missing_dataset_is_one_line_that_says_how_to_get_it(tmp_path, monkeypatch):
     import arvision.data.datasets as datasets
     monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
-    cfg = compose_train(["debug=tiny", f"data.root={tmp_path / 'empty'}"], tmp_path)
+    cfg = compose_train(["debug=tiny"], tmp_path)  # no data.root, and nothing installed
     with pytest.raises(FileNotFoundError) as err:
         pipeline.build_datamodule(cfg)
     message = str(err.value)
@@ -435,17 +406,7 @@ def test_a_finished_run_is_never_trained_again(tiny_cfg, tmp_path):
 
 def test_an_unfinished_run_resumes_only_with_its_own_settings(tiny_cfg, tmp_path, monkeypatch):
     overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
-    original = GeneratorTask.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.global_step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(GeneratorTask, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run(tiny_cfg(*overrides), tmp_path / "run")
-    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    run_crashing_at(monkeypatch, tiny_cfg(*overrides), tmp_path / "run", 3)
     checkpoint = tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt"
     saved = checkpoint.read_bytes()
     changed = (*overrides, "generator.train.lr=1e-4", "generator.model.depth=3")

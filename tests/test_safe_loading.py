@@ -12,6 +12,7 @@ from arvision import pipeline
 from arvision.tokenizers import VQTokenizer
 from arvision.utils.files import UnreadableFile
 from arvision.utils.instantiate import RefusedTarget, instantiate
+from tests.conftest import run_crashing_at
 
 
 def touch(path) -> dict:
@@ -82,20 +83,8 @@ def test_a_truncated_generator_file_is_named_in_one_line(tiny_cfg, tmp_path, cap
 
 
 def test_a_truncated_checkpoint_stops_the_resume_in_one_line(tiny_cfg, tmp_path, monkeypatch):
-    from arvision.tasks import GeneratorTask
-
     overrides = ("generator.train.max_steps=8", "checkpoint_every=2", "evaluate=false")
-    original = GeneratorTask.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.global_step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(GeneratorTask, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run(tiny_cfg(*overrides), tmp_path / "run")
-    monkeypatch.setattr(GeneratorTask, "training_step", original)
+    run_crashing_at(monkeypatch, tiny_cfg(*overrides), tmp_path / "run", 3)
     last = tmp_path / "run" / "checkpoints" / "generator" / "last.ckpt"
     _truncate(last.resolve())
     with pytest.raises(UnreadableFile, match=r"step=2\.ckpt cannot be read|last\.ckpt cannot be read"):

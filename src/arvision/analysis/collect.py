@@ -236,4 +236,12 @@ def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "lates
     return frame
 
 
-__all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "rerun_command", "runs_dir", "tokens_per_image"]
+def skipped_report(frame: pd.DataFrame, *, prog: str) -> str:
+    """The unreadable results.json `collect` left out: one warning line each, then their count."""
+    skipped = frame.attrs.get("skipped", [])
+    return "\n".join([f"{prog}: warning: skipped {reason}" for reason in skipped]
+                     + [f"{prog}: skipped {len(skipped)} unreadable results.json"])
+
+
+__all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "rerun_command", "runs_dir", "skipped_report",
+           "tokens_per_image"]

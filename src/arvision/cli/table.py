@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from arvision.analysis import LAYOUTS, load, table
+from arvision.analysis.collect import skipped_report
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,11 +48,8 @@ def parser() -> argparse.ArgumentParser:
 def render_table(args: argparse.Namespace) -> str:
     """The table the parsed arguments ask for; FileNotFoundError, KeyError or ValueError for a bad request."""
     frame = load(args.root, evaluations=args.evaluations)
-    skipped = frame.attrs.get("skipped", [])
-    for reason in skipped:
-        print(f"arvision-table: warning: skipped {reason}", file=sys.stderr)
-    if skipped:
-        print(f"arvision-table: skipped {len(skipped)} unreadable results.json", file=sys.stderr)
+    if frame.attrs.get("skipped"):
+        print(skipped_report(frame, prog="arvision-table"), file=sys.stderr)
     if frame.empty:
         raise FileNotFoundError(f"no rows in {args.root}" if Path(args.root).suffix == ".csv"
                                 else f"no results.json under {args.root}")
