@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,32 @@ def test_a_truncated_checkpoint_stops_the_resume_in_one_line(tiny_cfg, tmp_path,
     _truncate(last.resolve())
     with pytest.raises(UnreadableFile, match=r"step=2\.ckpt cannot be read|last\.ckpt cannot be read"):
         pipeline.run(tiny_cfg(*overrides), tmp_path / "run")
+
+
+def test_a_generator_file_whose_weights_do_not_fit_is_named_in_one_line(tiny_cfg, tmp_path):
+    pipeline.run(tiny_cfg("evaluate=false"), tmp_path / "run")
+    blob = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)
+    blob["ema"] = {k: v[..., :1] if v.dim() else v for k, v in blob["ema"].items()}  # wrong shapes
+    torch.save(blob, tmp_path / "run" / "generator.pt")
+    tokenizer = pipeline.load_tokenizer(Path(json.loads((tmp_path / "run" / "results.json").read_text())
+                                             ["tokenizer_artifact"]))
+    with pytest.raises(UnreadableFile, match=r"generator\.pt: its weights do not fit the RasterGenerator its config "
+                                             r"builds \(.*size mismatch") as err:
+        pipeline.load_generator(tmp_path / "run", tokenizer)
+    assert "\n" not in str(err.value)
+
+
+def test_a_read_only_run_directory_is_refused_before_any_work(tiny_cfg, tmp_path, monkeypatch):
+    if os.geteuid() == 0:  # root writes anywhere: simulate the refusal the file system gives everyone else
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(pipeline.tempfile, "NamedTemporaryFile", refuse)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o555)
+    monkeypatch.setattr(pipeline, "build_datamodule", lambda cfg: pytest.fail("did work before checking"))
+    with pytest.raises(pipeline.ConfigError, match=r"cannot write to the run directory .*run \(Permission denied\); "
+                                                   r"choose a writable hydra\.run\.dir"):
+        pipeline.run(tiny_cfg(), run_dir)
+    run_dir.chmod(0o755)
+    assert list(run_dir.iterdir()) == []

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -35,7 +36,7 @@ from arvision.tasks.resume import completed_steps
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
-from arvision.utils.files import load_weights
+from arvision.utils.files import UnreadableFile, load_weights
 from arvision.utils.instantiate import RefusedTarget, check_target, instantiate
 from arvision.utils.validate import SettingError, check_model_keys, check_range
 
@@ -148,7 +149,13 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """A run directory is trained once, by one config: a finished run is never trained again (its weights and
     evaluation history stay), and an unfinished one resumes only with the settings its checkpoint was trained
-    with (`overwrite=true` discards that checkpoint instead)."""
+    with (`overwrite=true` discards that checkpoint instead). It must be writable before any work starts."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write to the run directory {run_dir} ({err.strerror}); choose a writable "
+                          f"hydra.run.dir") from None
     if (run_dir / RESULTS_FILE).exists():
         raise ConfigError(f"{run_dir} holds a finished run (results.json) and is never trained again; evaluate it "
                           f"with arvision-eval run={run_dir}, or train into a new hydra.run.dir")
@@ -309,10 +316,20 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
             "data": data_identity(cfg), "seed": cfg.seed, **calibration}
 
 
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """`load_state_dict`, with a file whose weights do not fit the model its own config builds named in one line."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UnreadableFile(f"{path}: its weights do not fit the {type(module).__name__} its config builds "
+                             f"({detail}); the file was changed or written by other code") from None
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     blob = load_weights(path / "tokenizer.pt")
     tokenizer = instantiate(blob["config"], image_size=blob["image_size"], image_channels=blob["image_channels"])
-    tokenizer.load_state_dict(blob["state_dict"])
+    load_state(tokenizer, blob["state_dict"], path / "tokenizer.pt")
     return tokenizer.eval().requires_grad_(False)
 
 
@@ -393,7 +410,7 @@ def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> 
     blob = load_weights(Path(run_dir) / "generator.pt")
     generator = instantiate(blob["config"])(spec=tokenizer.spec, num_classes=blob["num_classes"])
     generator.attach_tokenizer(tokenizer)
-    generator.load_state_dict(blob["ema" if ema else "generator"])
+    load_state(generator, blob["ema" if ema else "generator"], Path(run_dir) / "generator.pt")
     return generator.eval()
 
 
