@@ -47,8 +47,7 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
-    text = str(hint).replace("typing.", "")
-    return getattr(hint, "__name__", text) if get_origin(hint) is None else text
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def keyword_types(cls: type) -> dict[str, Any]:
