@@ -32,11 +32,11 @@ from arvision.generators.base import Generator
 from arvision.results import (RESULTS_FILE, RunRecord, git_sha, now, read_results, versions, write_json_atomic,
                               write_results)
 from arvision.tasks import GeneratorTask, NonFiniteLoss, TokenizerTask
-from arvision.tasks.resume import completed_steps
+from arvision.tasks.resume import completed_steps, latest_checkpoint, roll_back
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
-from arvision.utils.files import UnreadableFile, load_weights
+from arvision.utils.files import load_state, load_weights
 from arvision.utils.instantiate import RefusedTarget, check_target, instantiate
 from arvision.utils.validate import SettingError, check_model_keys, check_range
 
@@ -210,7 +210,7 @@ def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: li
     if not loggers:  # nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     # The two newest checkpoints (step=N.ckpt) and last.ckpt, a link to the newest: when the weights saved at step N
-    # give a non-finite loss, `roll_back` can point last.ckpt at the one before.
+    # give a non-finite loss, `roll_back` (tasks/resume.py) can point last.ckpt at the one before.
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", monitor="step", mode="max",
                                                      save_top_k=2, save_last="link", enable_version_counter=False,
                                                      every_n_train_steps=cfg.checkpoint_every)
@@ -225,38 +225,6 @@ def instantiate_dict(node: DictConfig | None) -> list:
     if not node:
         return []
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.removeprefix("step="))
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path:
-    """last.ckpt, or the newest step=N.ckpt when it is missing: a kill between Lightning removing the old link and
-    making the new one must not lose the run."""
-    last = ckpt_dir / "last.ckpt"
-    steps = sorted(ckpt_dir.glob("step=*.ckpt"), key=_step_of)
-    return last if last.exists() or not steps else steps[-1]
-
-
-def roll_back(ckpt_dir: Path, bad_step: int) -> str:
-    """After a non-finite loss at trainer step `bad_step` (computed with the weights saved at that step, if any):
-    drop the checkpoints from that step on and point last.ckpt at the newest one before it; says what is kept."""
-    kept = None
-    for path in sorted(ckpt_dir.glob("step=*.ckpt"), key=_step_of):
-        if _step_of(path) >= bad_step:
-            path.unlink()
-        else:
-            kept = path
-    last = ckpt_dir / "last.ckpt"
-    if kept is None:
-        last.unlink(missing_ok=True)
-        return "no checkpoint from before it is kept, so a rerun starts from scratch"
-    tmp = ckpt_dir / ".last.ckpt.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(kept.name)
-    os.replace(tmp, last)  # atomic: last.ckpt is the old link or the new one, never missing
-    return f"{last} now links to {kept.name}, the last checkpoint before the divergence"
 
 
 def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | None) -> tuple[float, int]:
@@ -314,16 +282,6 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
             "train_img_per_s": steps_run * train.batch_size * trainer.world_size / max(seconds, 1e-9),
             "perceptual_loss": task.perceptual_active, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True),
             "data": data_identity(cfg), "seed": cfg.seed, **calibration}
-
-
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """`load_state_dict`, with a file whose weights do not fit the model its own config builds named in one line."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:200]
-        raise UnreadableFile(f"{path}: its weights do not fit the {type(module).__name__} its config builds "
-                             f"({detail}); the file was changed or written by other code") from None
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -26,3 +26,13 @@ def load_weights(path: str | os.PathLike, *, mmap: bool = False) -> Any:
         reason = (str(err).splitlines() or [type(err).__name__])[0][:100]
         raise UnreadableFile(f"{path} cannot be read ({reason}): it is truncated, corrupt or not written by "
                              f"arvision; restore it, or delete it to rebuild") from None
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """`load_state_dict`, with a file whose weights do not fit the model its own config builds named in one line."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise UnreadableFile(f"{path}: its weights do not fit the {type(module).__name__} its config builds "
+                             f"({detail}); the file was changed or written by other code") from None
