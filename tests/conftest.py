@@ -50,6 +50,20 @@ def compose_train(overrides: list[str], root: Path) -> DictConfig:
     return cfg
 
 
+def compose_import(overrides: list[str], root: Path) -> DictConfig:
+    """conf/import.yaml (arvision-import) rooted in `root`, e.g. ["official=var_d16", "tokenizer_file=…", …]."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="import", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(root)
+        cfg.paths.output_dir = str(root / "run")
+        cfg.paths.artifact_dir = str(root / "artifacts")
+        cfg.paths.data_dir = str(root / "data")
+        cfg.paths.log_dir = str(root / "outputs")
+    return cfg
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A factory: tiny shapes config rooted in tmp_path (extra overrides may be given)."""

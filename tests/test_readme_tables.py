@@ -119,3 +119,16 @@ def test_study_rows_reads_the_committed_csv_or_a_runs_folder(monkeypatch):
         rows = study_rows(path.parent.name)
         assert len(rows) == len(read_csv(path)) and f"rows from experiments/{path.parent.name}/results.csv" \
             in describe(rows)
+
+
+def test_a_csv_block_renders_the_cells_of_its_csv_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "parity.csv").write_text("family,output,max abs diff\nvar,logits,7.2e-07\nllamagen,a|b,0\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- table: csv parity.csv -->\nold\n<!-- /table -->\n<!-- table: csv none.csv -->\n"
+                      "<!-- /table -->\n")
+    assert update(readme) == ["csv parity.csv", "csv none.csv"]
+    assert ("<!-- table: csv parity.csv -->\n| family | output | max abs diff |\n|---|---|---|\n"
+            "| var | logits | 7.2e-07 |\n| llamagen | a\\|b | 0 |\n<!-- /table -->") in readme.read_text()
+    assert "*No table yet: `none.csv` is not in the repository.*" in readme.read_text()
+    assert update(readme, check=True) == []

@@ -5,7 +5,8 @@ One file per run directory (or next to an evaluated .npz). Its fields are declar
 - `RunRecord`: who the run is (`tokenizer`, `generator`, `data`, `seed`, `tags`, `choices`, `spec`), how it was made
   (`config`, `overrides`, `versions`, `git_sha`, `started`, `finished`, `tokenizer_artifact`), what it measured
   (`metrics` with a `tokenizer` and a `generator` block, `feature_extractor`), what it cost (`costs`), and the later
-  re-evaluations (`evaluations`, one `Evaluation` each, appended by arvision-eval);
+  re-evaluations (`evaluations`, one `Evaluation` each, appended by arvision-eval), and for a run arvision-import
+  made from official files, where they came from (`imported`);
 - `Metric`: one number with its provenance: `value` plus the feature extractor, sample count, device and the
   settings that produced it (`metric(...)` builds one); `{"value": None, "unavailable": reason}` when a number
   cannot be computed for this input;
@@ -88,6 +89,17 @@ class Evaluation(TypedDict, total=False):
     seconds: float
 
 
+class Imported(TypedDict, total=False):
+    """Where an imported run's weights came from (arvision-import)."""
+
+    family: str                     # var | flexvar | llamagen | rq …
+    preset: str                     # the conf/official/ preset that built the models
+    files: dict[str, dict[str, str]]  # tokenizer / generator → path, sha256, layout (the key the state dict was under)
+    published: dict[str, Any]       # the paper's / README's numbers for this model, with their source
+    convention: str | None          # how the official sampling settings read in arvision's terms
+    source: str | None              # where the official files are published
+
+
 class RunRecord(TypedDict, total=False):
     schema_version: int
     run_dir: str
@@ -110,6 +122,7 @@ class RunRecord(TypedDict, total=False):
     spec: dict[str, Any]            # TokenSpec.to_dict()
     samples_npz: str                # the .npz a record without a run describes
     evaluations: list[Evaluation]
+    imported: Imported              # a run made by arvision-import from official files
 
 
 # Metric blocks whose dict entries are structured, not `Metric`s.

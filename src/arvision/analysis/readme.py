@@ -12,19 +12,21 @@ it (Markdown, paths relative to the repository root):
 
 Run it from the repository root (with no file arguments it takes README.md and experiments/*/README.md there).
 A table whose CSV is not committed renders as one line saying so, so a number can only get into a README table
-through a CSV.
+through a CSV. Tables that are not run records (e.g. a parity harness's measurements) use `csv <path>` as the
+command: the CSV's cells, as written, under its header.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-BLOCK = re.compile(r"<!-- table: (?P<command>arvision-table [^\n]*?) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+BLOCK = re.compile(r"<!-- table: (?P<command>(?:arvision-table|csv) [^\n]*?) -->\n(?P<body>.*?)<!-- /table -->", re.S)
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,28 @@ def blocks(text: str) -> list[Block]:
     return [Block(m["command"], m["body"], m.start("body"), m.end("body")) for m in BLOCK.finditer(text)]
 
 
+def render_csv(path: Path) -> str:
+    """A CSV's cells as a Markdown table, unchanged (a `|` in a cell is escaped)."""
+    with open(path, newline="") as handle:
+        rows = [[cell.replace("|", "\\|") for cell in row] for row in csv.reader(handle)]
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    header, *body = rows
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
+
+
 def render_command(command: str) -> str:
-    """The Markdown table an `arvision-table …` marker command prints (ValueError for a command that cannot)."""
+    """The Markdown table an `arvision-table …` (or `csv <path>`) marker command prints (ValueError for a command
+    that cannot)."""
     from arvision.cli.table import parser, render_table
 
     argv = shlex.split(command)[1:]
+    if command.startswith("csv "):
+        if len(argv) != 1:
+            raise ValueError(f"a csv table names one file: {command}")
+        path = Path(argv[0])
+        return render_csv(path) if path.is_file() else f"*No table yet: `{path}` is not in the repository.*"
     try:
         args = parser().parse_args(argv)
     except SystemExit:
