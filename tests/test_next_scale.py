@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arvision.generators import IncompatibleTokenizer
-from arvision.generators.next_scale import NextScaleGenerator, flexvar_schedule, var_schedule
+from arvision.generators.next_scale import NextScaleGenerator, flexvar_schedule, smooth_codes, var_schedule
+from arvision.generators.sampling import top_k_filter, top_p_filter
 from arvision.nn.masks import is_block_mask, segment_ids
 from arvision.tokenizers.base import TokenSpec
 from arvision.tokenizers.msvq import MultiScaleVQTokenizer
@@ -241,6 +242,70 @@ def test_guided_sampling_uses_the_ramp(cfg_schedule: str) -> None:
     unguided = model.sample(labels, cfg=1.0, temperature=0.0)
     assert torch.equal(out[0], unguided[0]) == (cfg_schedule == "linear")
     assert not all(torch.equal(a, b) for a, b in zip(out, unguided))
+
+
+# ------------------------------------------------------------------------------------------------ more_smooth
+def test_smooth_codes_is_vars_gumbel_softmax_mix_of_the_codebook() -> None:
+    """softmax((logits·(1 + r) − log E) / τ) @ codebook, E ~ Exp(1) from the generator, τ = max(0.27·(1 − 0.95r),
+    0.005); codes outside the kept set get no weight."""
+    torch.manual_seed(0)
+    logits, codebook = torch.randn(2, 5, 16) * 3, torch.randn(16, 4)
+    logits[..., 8:] = float("-inf")  # filtered out by top-k / top-p
+    for ratio, tau in [(0.0, 0.27), (0.5, 0.27 * (1 - 0.475)), (1.0, 0.27 * 0.05)]:
+        got = smooth_codes(logits, codebook, ratio=ratio, generator=torch.Generator().manual_seed(3))
+        noise = torch.empty(2, 5, 16).exponential_(generator=torch.Generator().manual_seed(3))
+        weights = torch.softmax((logits * (1 + ratio) - noise.log()) / tau, dim=-1)
+        assert weights[..., 8:].sum() == 0 and torch.allclose(weights.sum(-1), torch.ones(2, 5))
+        torch.testing.assert_close(got, weights @ codebook)
+    # one kept code: the mix is that code exactly
+    one = torch.full((1, 1, 16), float("-inf"))
+    one[..., 5] = 0.0
+    assert torch.equal(smooth_codes(one, codebook, ratio=0.3), codebook[5][None, None])
+    # the temperature floor: late scales with a tiny τ still give finite mixes
+    assert torch.isfinite(smooth_codes(logits * 100, codebook, ratio=1.0)).all()
+
+
+def test_more_smooth_feeds_each_scale_the_codebook_mix_drawn_after_the_token() -> None:
+    """Replays the sampler: at each scale VAR draws the token (one Exp(1) tensor from the generator), then the Gumbel
+    noise of the mix from the same generator; the mix of the filtered guided logits is what the next scale sees and
+    what the returned maps hold; the tokenizer decodes those code maps."""
+    model, tok = shared(True), msvq()
+    labels, cfg, top_k = labels_for(2), 2.5, 8
+    with HeadCalls(model) as calls:
+        out = model.sample(labels, cfg=cfg, top_k=top_k, top_p=0.9, more_smooth=True,
+                           generator=torch.Generator().manual_seed(7))
+    assert [m.shape for m in out] == [(2, n, n, tok.spec.dim) for n in model.scales]
+    replay = torch.Generator().manual_seed(7)
+    codebook = tok.code_vectors().detach()
+    for k, (n, raw) in enumerate(zip(model.scales, calls.outputs)):
+        t = model.guidance(cfg, k, len(model.scales), "linear")
+        kept = top_p_filter(top_k_filter((1 + t) * raw[:2] - t * raw[2:], top_k), 0.9)
+        torch.empty_like(kept).exponential_(generator=replay)  # the token draw VAR makes first
+        expected = smooth_codes(kept, codebook, ratio=k / (len(model.scales) - 1), generator=replay)
+        torch.testing.assert_close(out[k], expected.view(2, n, n, -1))
+    assert tok.decode(out).shape == (2, 1, 16, 16)
+    # teacher forcing on the code maps gives the logits the sampler saw (the mixes were fed back)
+    with torch.no_grad():
+        inputs = tok.teacher_forcing_inputs(out)
+        cond = model.logits(inputs, labels, model.scales)
+    torch.testing.assert_close(calls.outputs[-1][:2], cond[:, -16:], atol=1e-4, rtol=1e-4)
+
+
+def test_more_smooth_with_one_kept_code_is_greedy_sampling() -> None:
+    model, tok = shared(True), msvq()
+    labels = labels_for(3)
+    greedy = model.sample(labels, cfg=3.0, top_k=1)
+    smooth = model.sample(labels, cfg=3.0, top_k=1, more_smooth=True)
+    for ids, codes in zip(greedy, smooth):
+        assert torch.equal(codes, tok.code_vectors().detach()[ids])
+    torch.testing.assert_close(tok.decode(smooth), tok.decode(greedy))
+
+
+def test_more_smooth_needs_var_mode_and_a_temperature() -> None:
+    with pytest.raises(ValueError, match="more_smooth.*residual=true"):
+        shared(False).sample(torch.arange(2), more_smooth=True)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        shared(True).sample(torch.arange(2), more_smooth=True, temperature=0.0)
 
 
 @pytest.mark.parametrize("residual", [True, False])

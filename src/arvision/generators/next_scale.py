@@ -71,7 +71,8 @@ from torch import nn
 
 from arvision.generators.base import Generator, SamplingCost, require
 from arvision.generators.editing import batch_mask, known_on_grid
-from arvision.generators.sampling import classifier_free_guidance, linear_cfg_schedule, sample_from_logits
+from arvision.generators.sampling import (apply_temperature, classifier_free_guidance, linear_cfg_schedule,
+                                         sample_from_logits, top_k_filter, top_p_filter)
 from arvision.nn.attention import KVCache, StaticKVCache, flex
 from arvision.nn.graphs import compiled_step, held_static_caches
 from arvision.nn.blocks import DropPath
@@ -137,6 +138,20 @@ def flexvar_schedule(default: Sequence[int], *, full_prob: float = 0.05,
         first = max(2, len(schedule) - 4)
         schedule.pop(first + pick(range(len(schedule) - 1 - first), 1)[0])
     return tuple(schedule)
+
+
+def smooth_codes(logits: torch.Tensor, codebook: torch.Tensor, *, ratio: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAR's `more_smooth` code at one scale: the Gumbel-softmax mix of the codebook rows (..., V) @ (V, C) → (..., C).
+
+    weights = softmax((logits·(1 + r) + g) / τ), g = −log(E), E ~ Exp(1) drawn from `generator` (VAR's
+    `gumbel_softmax_with_rng`), τ = max(0.27·(1 − 0.95·r), 0.005) (MaskGIT's annealing), r = k/(K − 1) the scale's
+    place in the schedule: soft and sharpened more at later scales. `logits` are the guided ones after top-k/top-p
+    (−inf outside the kept set, whose rows then get no weight).
+    """
+    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+    gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return ((logits * (1 + ratio) + gumbel) / tau).softmax(dim=-1) @ codebook
 
 
 # ------------------------------------------------------------------------------------------------- VAR's layers
@@ -530,18 +545,24 @@ class NextScaleGenerator(Generator):
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_schedule: str = "linear",
-               schedule: Sequence[int] | None = None, decode: str = "eager"):
+               schedule: Sequence[int] | None = None, decode: str = "eager", more_smooth: bool = False):
         """Sample for `labels` (B,): VAR mode → list of K maps (B, n_k, n_k); FlexVAR mode → the grid (B, side, side).
 
         One forward per scale over only that scale's tokens, against per-block KV caches. cfg ≠ 1 runs the
         conditional and null-class rows as one batch of 2B (see the module docstring for the parametrisation).
         `schedule` (FlexVAR mode) may differ from the trained one, in sides and in number of steps. `decode` =
         eager | static | compiled runs the per-scale forward (module docstring); all three sample the same tokens.
+        `more_smooth` (VAR mode; VAR's option for pictures, not for FID): each scale feeds on the Gumbel-softmax
+        mix of the codebook instead of the drawn code (`smooth_codes`), and the K maps returned are those code
+        vectors (B, n_k, n_k, code_dim) float, which the multi-scale tokenizer decodes like indices.
         """
         schedule = self.check_schedule(schedule)
         self.guidance(cfg, 0, len(schedule), cfg_schedule)  # validates the schedule name before any work
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if more_smooth and (not self.residual or temperature <= 0):
+            raise ValueError("more_smooth (VAR's Gumbel-softmax code mixing) needs residual=true (VAR mode) and "
+                             f"temperature > 0, got residual={self.residual} temperature={temperature}")
         was_training = self.training
         self.eval()
         try:
@@ -561,7 +582,11 @@ class NextScaleGenerator(Generator):
                     logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u
                 idx = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                          generator=generator)
-                maps.append(rearrange(idx, "b (h w) -> b h w", h=n))
+                if more_smooth:  # VAR draws the code first (same random stream), then mixes the codebook instead
+                    kept = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+                    ratio = k / (len(schedule) - 1) if len(schedule) > 1 else 0.0
+                    idx = smooth_codes(kept, tokenizer.code_vectors().float(), ratio=ratio, generator=generator)
+                maps.append(idx.unflatten(1, (n, n)))
                 start += n * n
                 if k + 1 == len(schedule):
                     break

@@ -114,5 +114,10 @@ class MultiScaleTokenizer(Tokenizer):
     def next_scale_input(self, k: int, f_hat: torch.Tensor | None,
                          indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Add scale k's sampled `indices` to the running f̂ (None: start from zeros) and return (f̂, the input of
-        scale k + 1 (B, n², dim), None after the last scale)."""
+        scale k + 1 (B, n², dim), None after the last scale). Float `indices` (B, n², dim) are code vectors
+        themselves (VAR's `more_smooth` mixes of `code_vectors()`)."""
+        raise NotImplementedError
+
+    def code_vectors(self) -> torch.Tensor:
+        """The codebook rows (vocab_size, dim) that f̂ sums (the raw ones, also under a cosine lookup)."""
         raise NotImplementedError

@@ -136,10 +136,14 @@ class MultiScaleQuantizer(nn.Module):
         return nearest_code(flat, codebook).view(b, h, w)
 
     def contribution(self, k: int, indices: torch.Tensor) -> torch.Tensor:
-        """h_k = φ_k(bicubic_upsample(codebook[idx_k])) at the full side: what scale k adds to f̂."""
+        """h_k = φ_k(bicubic_upsample(codebook[idx_k])) at the full side: what scale k adds to f̂. Float `indices`
+        (B, n, n, dim) or (B, n², dim) are the code vectors themselves (VAR's `more_smooth` codebook mixes)."""
         n = self.scales[k]
-        indices = indices.reshape(indices.shape[0], n, n).long()  # accepts (B, n, n) or flat (B, n²)
-        h = rearrange(self.embedding(indices), "b h w c -> b c h w")
+        if indices.is_floating_point():
+            h = rearrange(indices.reshape(indices.shape[0], n, n, self.dim).float(), "b h w c -> b c h w")
+        else:
+            indices = indices.reshape(indices.shape[0], n, n).long()  # accepts (B, n, n) or flat (B, n²)
+            h = rearrange(self.embedding(indices), "b h w c -> b c h w")
         if n != self.side:
             h = F.interpolate(h, size=(self.side, self.side), mode="bicubic")
         return self.quant_resi[self.phi_of_scale[k]](h)
@@ -301,6 +305,9 @@ class MultiScaleVQTokenizer(ConvTokenizer, MultiScaleTokenizer):
 
     def teacher_forcing_inputs(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.quantize.teacher_forcing_inputs(tokens)
+
+    def code_vectors(self) -> torch.Tensor:
+        return self.quantize.embedding.weight
 
     def next_scale_input(self, k: int, f_hat: torch.Tensor | None,
                          indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
