@@ -16,8 +16,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arvision.analysis import (collect, fit_power_law, pareto_front, plot_pareto, plot_scaling, relative_time,
-                               render, scaling_fits, select_rows, sort_rows, table)
+from arvision.analysis import (collect, fit_power_law, pareto_front, plot_pareto, plot_scaling, read_csv,
+                               relative_time, render, scaling_fits, select_rows, sort_rows, table)
 from arvision.cli import table as table_cli
 from arvision.cli.common import config_dir
 from arvision.metrics import INCEPTION_WEIGHTS_FILE, ClassifierExtractor, ClassifierNet, MissingWeights
@@ -162,6 +162,45 @@ def test_table_cli_layout_rows_sort_and_out(tmp_path, capsys):
     assert "no column 'bogus'" in capsys.readouterr().err
     table_cli.main([str(FIXTURE), "--columns", "model,FID", "--format", "csv"])  # a readable header names its column
     assert list(pd.read_csv(io.StringIO(capsys.readouterr().out)).columns)[:2] == ["model", "gen.fid"]
+
+
+def _sweep(root: Path) -> None:
+    """Two jobs of `-m generator.model.depth=4,8` (and an Optuna-style `+` key), one run from a script."""
+    same = ["experiment=paradigms", "data.train_size=256"]
+    _write(root, "0", overrides=[*same, "generator.model.depth=4", "+generator.train.lr=0.001"],
+           metrics={"generator": {"fid": {"value": 9.0}}})
+    _write(root, "1", overrides=[*same, "generator.model.depth=8", "+generator.train.lr=0.001"],
+           metrics={"generator": {"fid": {"value": 7.0}}})
+
+
+def test_the_default_table_shows_each_swept_value_after_the_identifying_columns(tmp_path, capsys):
+    _sweep(tmp_path)
+    frame = collect(tmp_path)
+    assert list(frame["generator.model.depth"]) == [4, 8]
+    assert "experiment" not in frame and "data.train_size" not in frame and "generator.train.lr" not in frame
+    lines = table(frame).splitlines()
+    assert lines[0] == "| tokenizer | generator | data | generator.model.depth | FID |"
+    assert lines[2:] == ["| vq | raster | shapes | 4 | 9 |", "| vq | raster | shapes | 8 | 7 |"]
+    assert "generator.model.depth" not in table(frame, rows="generator.model.depth=8")  # one value shown: no column
+    assert list(select_rows(frame, "generator.model.depth=8")["gen.fid"]) == [7.0]
+    table_cli.main([str(tmp_path), "--columns", "generator,FID"])  # --columns still selects exactly
+    assert capsys.readouterr().out.splitlines()[0] == "| generator | FID |"
+    table_cli.main([str(tmp_path), "--sort=-generator.model.depth"])
+    assert capsys.readouterr().out.splitlines()[2] == "| vq | raster | shapes | 8 | 7 |"
+
+
+def test_swept_values_read_from_a_csv_or_missing_where_a_run_kept_the_default(tmp_path, capsys):
+    _sweep(tmp_path / "runs")
+    _write(tmp_path / "runs", "2", seed=1, overrides=["experiment=paradigms", "data.train_size=256", "seed=1"])
+    table_cli.main([str(tmp_path / "runs"), "--layout", "all", "--format", "csv", "--out", str(tmp_path / "r.csv")])
+    capsys.readouterr()
+    runs, rows = collect(tmp_path / "runs"), read_csv(tmp_path / "r.csv")
+    assert table(rows) == table(runs)
+    lines = table(runs).splitlines()
+    assert lines[0].startswith("| tokenizer | generator | data | generator.model.depth | generator.train.lr | seed |")
+    assert lines[4].startswith("| vq | raster | shapes | – | – | 1 |")
+    older = rows.drop(columns=["generator.model.depth", "generator.train.lr"])  # a CSV from before the columns
+    assert table(older) == table(runs)
 
 
 # --------------------------------------------------------------------------------------------- power laws

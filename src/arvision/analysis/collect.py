@@ -11,6 +11,9 @@ Column families (all flat, dotted names):
 - `eval.<metric>` from the latest `arvision-eval` entry in `evaluations` (with `eval.date`, `eval.device` (cpu/cuda),
   `eval.device_name`, `eval.num_samples`, `eval.extractor`, `eval.git_sha`, `eval.command`), and `num_evaluations`;
 - `cost.<name>` from `costs`, `cfg.<key>` for a few config values the analyses need (depth, width, steps, batch);
+- swept values: one column per override whose value differs between the collected runs (a sweep's
+  `generator.model.depth=4,8`, an Optuna trial's parameters), named by its dotted key and holding each run's
+  value (missing where a run kept the default); read from the overrides each run recorded (`command`);
 - derived: `type` (the paradigm's family, see `PARADIGM_TYPES`), `model` (e.g. "raster-d4 / vq"),
   `steps` (generation steps: backbone passes when split, else network evaluations), `s_per_image`
   (1 / sampling img/s), `tokens_per_image` and `train_compute` (≈ 6·N·D FLOPs, Kaplan et al. 2020, with N the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +119,47 @@ def rerun_command(program: str, overrides: list[str] | None, run_dir: Path | Non
     if overrides is None:
         return None
     return " ".join([program, *(shlex.quote(str(item)) for item in overrides)])
+
+
+def _override_value(text: str) -> object:
+    """An override's value as the number, boolean or null it spells, else its text."""
+    if text.lower() in ("null", "none"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def command_overrides(command: object) -> dict[str, str | None]:
+    """The `key=value` overrides of a command written by `rerun_command`, as written (`+`/`++` dropped; a deleted
+    `~key` is None); empty when no command was recorded."""
+    if not isinstance(command, str) or not command:
+        return {}
+    overrides: dict[str, str | None] = {}
+    for item in shlex.split(command)[1:]:
+        if item.startswith("~"):
+            overrides[item[1:].partition("=")[0]] = None
+            continue
+        key, sep, text = item.lstrip("+").partition("=")
+        if sep:
+            overrides[key] = text
+    return overrides
+
+
+def swept_values(commands: Iterable[object]) -> dict[str, list[object]]:
+    """The overrides whose value differs between the commands (one per run): dotted key → each run's value (None
+    where a run did not set it), in the order the keys first appear."""
+    runs = [command_overrides(command) for command in commands]
+    keys = dict.fromkeys(key for overrides in runs for key in overrides)
+    missing = object()
+    swept = [key for key in keys if len({overrides.get(key, missing) for overrides in runs}) > 1]
+    return {key: [None if overrides.get(key) is None else _override_value(overrides[key]) for overrides in runs]
+            for key in swept}
 
 
 def _evaluation_row(entry: dict[str, Any]) -> dict[str, object]:
@@ -232,6 +277,10 @@ def collect(root: str | Path, *, evaluations: Literal["latest", "rows"] = "lates
             rows.append({**base, "source": "train"})
             rows.extend({**base, **_evaluation_row(e), "source": e.get("date")} for e in entries)
     frame = _derive(pd.DataFrame(rows))
+    if "command" in frame:
+        for key, values in swept_values(frame["command"]).items():
+            if key not in frame:  # a swept identity (seed, generator, …) already has its column
+                frame[key] = pd.Series(values, index=frame.index)
     frame.attrs["skipped"] = skipped  # why each unreadable results.json was left out
     return frame
 
@@ -243,5 +292,5 @@ def skipped_report(frame: pd.DataFrame, *, prog: str) -> str:
                      + [f"{prog}: skipped {len(skipped)} unreadable results.json"])
 
 
-__all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "rerun_command", "runs_dir", "skipped_report",
-           "tokens_per_image"]
+__all__ = ["CONFIG_COLUMNS", "PARADIGM_TYPES", "collect", "command_overrides", "rerun_command", "runs_dir",
+           "skipped_report", "swept_values", "tokens_per_image"]

@@ -1,9 +1,11 @@
 """Paper-style tables from a `collect()` DataFrame: row filters, sorting, layouts, Markdown / LaTeX / CSV.
 
-Layouts are lists of (column, header) pairs. `default` is the main metrics of every run; `var` is the VAR paper's
-Table 1: type, model, params, FID, IS, precision, recall, steps, relative time. `relative time` is the sampling
-time per image divided by that of the fastest row (or of a chosen reference row, as VAR normalises to VAR);
-`steps` counts generation steps (backbone passes, so an RQ depth head does not inflate it).
+Layouts are lists of (column, header) pairs. `default` is the main metrics of every run, with a column for each
+override whose value differs between the rows shown (a sweep's values, named by their dotted key, after tokenizer,
+generator and data); `var` is the VAR paper's Table 1: type, model, params, FID, IS, precision, recall, steps,
+relative time. `relative time` is the sampling time per image divided by that of the fastest row (or of a chosen
+reference row, as VAR normalises to VAR); `steps` counts generation steps (backbone passes, so an RQ depth head
+does not inflate it).
 
 Markdown and LaTeX show numbers for reading (parameters as 1.2M, floats with 4 significant digits, commits as
 7 characters, missing as "–"). CSV keeps the raw values under the collected column names, and `table(fmt="csv")`
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from arvision.analysis.collect import swept_values
 
 # Readable headers for the collected columns (any other column keeps its own name).
 HEADERS = {
@@ -142,6 +146,18 @@ def relative_time(frame: pd.DataFrame, *, column: str = "s_per_image", reference
     return seconds / base
 
 
+def with_swept(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`frame` with a column per override whose value differs between its rows (see `collect.swept_values`; a CSV
+    written before collect added them gets them from its `command` column), and those columns' names."""
+    if "command" not in frame:
+        return frame, []
+    swept = swept_values(frame["command"])
+    for key, values in swept.items():
+        if key not in frame:
+            frame[key] = pd.Series(values, index=frame.index)
+    return frame, list(swept)
+
+
 def layout_frame(frame: pd.DataFrame, layout: str | Sequence[str] = "default", *, source: str = "gen",
                  reference: str | None = None) -> pd.DataFrame:
     """The columns of a layout (a name in LAYOUTS or a list of columns), with `relative_time` computed.
@@ -153,6 +169,10 @@ def layout_frame(frame: pd.DataFrame, layout: str | Sequence[str] = "default", *
         raise ValueError(f"layout must be one of {', '.join(sorted(LAYOUTS))} or a list of columns; got {layout!r}")
     columns = list(frame.columns if layout == "all" else LAYOUTS[layout] if isinstance(layout, str) else layout)
     frame = frame.copy()
+    if layout == "default":  # what tells the rows of a sweep apart, after the tokenizer, generator and data
+        frame, swept = with_swept(frame)
+        at = columns.index("data") + 1
+        columns[at:at] = [c for c in swept if c not in columns]
     if source == "eval":
         for column in list(columns):
             swapped = column.replace("gen.", "eval.", 1)
@@ -284,4 +304,4 @@ def header_to_column(frame: pd.DataFrame, name: str) -> str | None:
 
 
 __all__ = ["DEFAULT_LAYOUT", "HEADERS", "LAYOUTS", "PROVENANCE", "VAR_LAYOUT", "header", "layout_frame", "read_csv",
-           "relative_time", "render", "resolve_column", "select_rows", "sort_rows", "table"]
+           "relative_time", "render", "resolve_column", "select_rows", "sort_rows", "table", "with_swept"]

@@ -1,6 +1,6 @@
 """arvision-table <runs>: one paper-style table from every results.json under a folder, or from a study's CSV.
 
-    arvision-table outputs/multirun/…                               # the main metrics, Markdown
+    arvision-table outputs/multirun/…                               # the main metrics and swept values, Markdown
     arvision-table outputs/… --layout var --sort FID                # VAR Table 1: type, model, params, FID, IS, …
     arvision-table outputs/… --rows generator=raster,next_scale --rows data=fashion_mnist --format latex --out t.tex
     arvision-table outputs/… --columns tokenizer,tok.psnr,tok.rfid  # any collected columns
@@ -29,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
                                      "arvision-table --format csv")
     parser.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv"])
     parser.add_argument("--layout", default="default", choices=sorted(LAYOUTS),
-                        help="column set: default (main metrics), var (VAR Table 1), paradigms, stages, or all "
-                             "(every collected column)")
+                        help="column set: default (main metrics, and a column per override whose value differs "
+                             "between the rows, named by its dotted key), var (VAR Table 1), paradigms, stages, or "
+                             "all (every collected column)")
     parser.add_argument("--columns", default=None, help="comma-separated columns (overrides --layout)")
     parser.add_argument("--rows", action="append", default=None, metavar="COLUMN=V1,V2",
                         help="keep rows whose column is one of the values (repeatable; COLUMN!=… excludes)")
