@@ -94,6 +94,30 @@ def test_cli_writes_json_and_prints_the_table(tmp_path):
     assert absent.stderr.count("\n") == 1 and not (tmp_path / "c.json").exists()
 
 
+def test_debug_tiny_runs_the_bench_as_it_runs_training(tmp_path):
+    """`debug=tiny` composes with arvision-bench (its callbacks override has a group to override) and gives the
+    tiny model sizes and the cpu_tiny budgets."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=["generator=raster", "tokenizer=vq", "debug=tiny"])
+        preset = compose(config_name="bench", overrides=["bench_preset=cpu_tiny"])
+    with open_dict(cfg):
+        cfg.out = str(tmp_path / "unused.json")
+    assert cfg.tiny and cfg.generator.model.dim == 32 and cfg.tokenizer.model.vocab_size == 32
+    for key in ("batch_size", "warmup", "repeats"):
+        assert cfg.train[key] == preset.train[key] and cfg.sample[key] == preset.sample[key]
+    result = run(cfg)
+    assert result["train"]["img_per_s"] > 0 and result["train"]["repeats"] == 2
+    assert result["sample_cfg"]["img_per_s_decode_included"] > 0 and result["sample_no_cfg"]["cfg"] == 1.0
+    printed = subprocess.run([sys.executable, "-m", "arvision.cli.bench", "generator=raster", "tokenizer=vq",
+                              "debug=tiny", f"out={tmp_path / 'b.json'}", f"hydra.run.dir={tmp_path}"],
+                             capture_output=True, text=True, env=cli_env(tmp_path), timeout=240)
+    assert printed.returncode == 0, printed.stderr
+    shown = [line for line in printed.stdout.splitlines() if "train img/s" in line or "sample img/s" in line]
+    assert len(shown) == 5 and all(float(line.split("│")[2]) > 0 for line in shown)
+    assert (tmp_path / "b.json").exists()
+
+
 def test_a_missing_gpu_is_refused_with_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="device=cuda needs a CUDA GPU and none is visible; use device=cpu"):
