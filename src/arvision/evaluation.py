@@ -25,6 +25,7 @@ from arvision.results import metric
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache
 from arvision.utils.files import load_weights
+from arvision.utils.progress import phase, track
 
 log = logging.getLogger("arvision")
 
@@ -62,7 +63,7 @@ def get_extractor(cfg: DictConfig, dm, cache: ArtifactCache, key: str) -> tuple[
 def reference_metrics(extractor: FeatureExtractor, dm, num_reference: int, cfg: DictConfig) -> GenerationMetrics:
     metrics = GenerationMetrics(extractor=extractor, num_classes=dm.num_classes)
     images, _ = dm.reference_images(num_reference)
-    for chunk in images.split(cfg.metrics.batch_size):
+    for chunk in track(images.split(cfg.metrics.batch_size), "reference statistics", total=len(images)):
         metrics.update_real(chunk.float() / 127.5 - 1.0)
     return metrics
 
@@ -83,7 +84,7 @@ def evaluate_tokenizer(tokenizer: Tokenizer, dm, extractor: FeatureExtractor, cf
     part_usage = [CodebookUsage(spec.vocab_size) for _ in range(parts)]
     psnrs, ssims, encode_s, decode_s = [], [], 0.0, 0.0
     tokenizer.encode(images[:8])  # warm-up, excluded from the timings
-    for chunk in images.split(cfg.metrics.batch_size):
+    for chunk in track(images.split(cfg.metrics.batch_size), "tokenizer evaluation", total=n):
         start = time.perf_counter()
         tokens = tokenizer.encode(chunk)
         encode_s += time.perf_counter() - start
@@ -148,8 +149,10 @@ def sample_images(generator: Generator, tokenizer: Tokenizer, labels: torch.Tens
 
     def next_batch() -> None:
         chunks.append(tokenizer.decode(generator.sample(next(pending), generator=rng, **sampling)).clamp(-1, 1).cpu())
+        bar.advance(len(chunks[-1]))
 
-    seconds = timed(next_batch, warmup=1, warmup_fn=warm_up, repeats=len(batches), device=device)
+    with phase("sampling", total=len(labels)) as bar:
+        seconds = timed(next_batch, warmup=1, warmup_fn=warm_up, repeats=len(batches), device=device)
     return torch.cat(chunks), sum(seconds)
 
 
@@ -198,7 +201,8 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
     stage_seconds = {"sampling": time.perf_counter() - started}  # warm-up batch and decode included
     started = time.perf_counter()
     reference.reset(keep_real=True)
-    for img, lab in zip(images.split(m.batch_size), labels.split(m.batch_size)):
+    for img, lab in zip(track(images.split(m.batch_size), "sample features", total=len(images)),
+                        labels.split(m.batch_size)):
         reference.update_fake(img, lab)
     gen = reference.compute()
     ex, n = reference.extractor.name, m.num_samples
@@ -239,7 +243,7 @@ def test_loss(generator, dm, *, num_images: int, batch_size: int, seed: int, dev
     total = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+        for x, y in zip(track(images.split(batch_size), "test loss", total=len(images)), labels.split(batch_size)):
             x = x.to(device).float() / 127.5 - 1.0
             total += float(generator.loss(tokenizer.encode(x), y.to(device))["loss"]) * len(x)
     return total / num_images

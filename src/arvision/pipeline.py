@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -38,6 +37,7 @@ from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
 from arvision.utils.files import load_state, load_weights
 from arvision.utils.instantiate import RefusedTarget, check_target, instantiate
+from arvision.utils.progress import phase, world_rank  # noqa: F401  (pipeline.world_rank: the CLI's rank check)
 from arvision.utils.validate import SettingError, check_model_keys, check_range
 
 log = logging.getLogger("arvision")
@@ -305,9 +305,11 @@ def get_tokenizer(cfg: DictConfig, dm, cache: ArtifactCache) -> tuple[Tokenizer,
 def encode_dataset(tokenizer: Tokenizer, dataset, batch_size: int = 500) -> tuple[Any, torch.Tensor]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     chunks, labels = [], []
-    for images, y in loader:
-        chunks.append(compact(tokenizer.encode(images), tokenizer.spec.vocab_size))
-        labels.append(y)
+    with phase("encoding the token cache", total=len(dataset)) as bar:
+        for images, y in loader:
+            chunks.append(compact(tokenizer.encode(images), tokenizer.spec.vocab_size))
+            labels.append(y)
+            bar.advance(len(y))
     return cat_tokens(chunks), torch.cat(labels)
 
 
@@ -370,10 +372,6 @@ def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> 
     generator.attach_tokenizer(tokenizer)
     load_state(generator, blob["ema" if ema else "generator"], Path(run_dir) / "generator.pt")
     return generator.eval()
-
-
-def world_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
 # --------------------------------------------------------------------------------------------- the run

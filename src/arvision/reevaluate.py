@@ -39,6 +39,7 @@ from arvision.results import (Evaluation, Metric, RunRecord, append_evaluation, 
                               value, versions)
 from arvision.utils.artifacts import ArtifactCache
 from arvision.utils.device import device_info, resolve_device
+from arvision.utils.progress import track
 
 GENERATION = ("fid", "is", "kid", "precision", "recall", "accuracy")
 ALL_METRICS = (*GENERATION, "sfid", "sampling", "test_loss")
@@ -158,7 +159,7 @@ def feature_metrics(chosen: list[str], images: torch.Tensor, labels: torch.Tenso
         if spatial is not None:
             spatial.phase = "fake"
         reference.reset(keep_real=True)
-        for k, img in enumerate(images.split(m.batch_size)):
+        for k, img in enumerate(track(images.split(m.batch_size), "sample features", total=len(images))):
             lab = None if labels is None else labels[k * m.batch_size: k * m.batch_size + len(img)]
             reference.update_fake(img, lab)
         # GenerationMetrics.compute does every metric at once (two 2048² eigendecompositions for FID): skip it

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from arvision.generators.base import Generator
 from arvision.tokenizers.base import Tokenizer
+from arvision.utils.progress import track
 
 REGIONS = ("center", "left", "right", "top", "bottom")
 EDITS = ("inpaint", "outpaint")
@@ -146,7 +147,8 @@ def edit_images(generator: Generator, tokenizer: Tokenizer, images: torch.Tensor
     known = batch_mask(known, images.shape[0], torch.device("cpu"))
     chunks = []
     start = time.perf_counter()
-    for x, y, m in zip(images.split(batch_size), labels.split(batch_size), known.split(batch_size)):
+    for x, y, m in zip(track(images.split(batch_size), "editing", total=len(images)), labels.split(batch_size),
+                       known.split(batch_size)):
         x, y, m = x.to(device), y.to(device), m.to(device)
         tokens = generator.edit(y, tokenizer.encode(x), m, generator=rng, **sampling)
         chunks.append(tokenizer.decode(tokens).clamp(-1, 1).cpu())

@@ -13,12 +13,15 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from arvision.utils.progress import note
 
 
 def config_hash(*parts: Any, length: int = 16) -> str:
@@ -30,10 +33,17 @@ def config_hash(*parts: Any, length: int = 16) -> str:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, *, what: str) -> Iterator[None]:
+    """Hold the file lock at `path`; when another job holds it, say so (a build can take hours) and wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            note("waiting for %s, being built by another job (lock %s)", what, path)
+            waited = time.perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            note("lock on %s acquired after %.0f s", what, time.perf_counter() - waited)
         try:
             yield
         finally:
@@ -61,7 +71,7 @@ class ArtifactCache:
         final = self.path(kind, key)
         if self.exists(kind, key):
             return final
-        with _locked(self.root / kind / f"{key}.lock"):
+        with _locked(self.root / kind / f"{key}.lock", what=f"{kind} {key}"):
             if self.exists(kind, key):  # built by another job while we waited
                 return final
             for stale in (self.root / kind).glob(f"{key}.tmp-*"):  # left by a build that was killed
