@@ -64,7 +64,7 @@ def test_loggers_instantiate_offline(logger, tmp_path, monkeypatch):
 @pytest.mark.parametrize("data", OPTIONS["data"])
 def test_data_configs_build_a_datamodule_with_its_declared_shape(data, tmp_path):
     overrides = [f"data={data}", "debug=tiny"]
-    if data == "imagefolder":
+    if data in ("imagefolder", "imagenet"):  # ImageNet's layout in miniature: class folders of RGB images
         from PIL import Image
         for cls in ("a", "b"):
             (tmp_path / "imgs" / cls).mkdir(parents=True)

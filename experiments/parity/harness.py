@@ -4,10 +4,10 @@ Each family script (`var.py`, `llamagen.py`, …) builds the official model from
 seeded random weights, writes its files in the official layout, imports them with arvision-import's code, runs the
 same inputs through both, and records one row per output: the largest absolute difference and its tolerance.
 
-    python experiments/parity/var.py --repo <VAR checkout>                  # tiny and published sizes → results.csv
+    python experiments/parity/var.py --repo <VAR checkout>                  # tiny and published sizes → parity.csv
     python experiments/parity/var.py --repo <VAR checkout> --fixture        # also (re)write the golden fixture
 
-`results.csv` keeps every family's rows (a script replaces its own); experiments/parity/README.md renders it.
+`parity.csv` keeps every family's rows (a script replaces its own); experiments/parity/README.md renders it.
 The fixture (`tests/fixtures/parity/<family>.pt`) holds the tiny official-layout state dicts, the inputs and the
 official outputs, so `make test` checks parity without the official code. The checkouts are never committed.
 """
@@ -26,7 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-RESULTS = HERE / "results.csv"
+RESULTS = HERE / "parity.csv"
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "parity"
 COLUMNS = ["family", "model", "size", "output", "max_abs_diff", "tolerance", "within", "official_commit"]
 

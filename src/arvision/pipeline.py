@@ -35,7 +35,7 @@ from arvision.tasks.resume import completed_steps, latest_checkpoint, roll_back
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
-from arvision.utils.files import load_state, load_weights
+from arvision.utils.files import UnreadableFile, load_state, load_weights
 from arvision.utils.instantiate import RefusedTarget, check_target, instantiate
 from arvision.utils.progress import phase, world_rank  # noqa: F401  (pipeline.world_rank: the CLI's rank check)
 from arvision.utils.validate import SettingError, check_model_keys, check_range
@@ -88,6 +88,10 @@ SUPPLIED_AT_RUN_TIME = {"tokenizer": ("image_size", "image_channels"), "generato
 def check_settings(cfg: DictConfig) -> None:
     """Every model key against the constructor it fills, and every training and evaluation number against its
     range, before any work: one line naming the key, the value and what is allowed."""
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"{key} is not set; give {key}=<value> on the command line")
     try:
         for group in ("tokenizer", "generator") if cfg.train_generator else ("tokenizer",):
             node = cfg[group]
@@ -286,7 +290,11 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
 
 def load_tokenizer(path: Path) -> Tokenizer:
     blob = load_weights(path / "tokenizer.pt")
-    tokenizer = instantiate(blob["config"], image_size=blob["image_size"], image_channels=blob["image_channels"])
+    try:
+        tokenizer = instantiate(blob["config"], image_size=blob["image_size"], image_channels=blob["image_channels"])
+    except RefusedTarget as err:
+        raise UnreadableFile(f"{path / 'tokenizer.pt'}: {err}; the file was changed or written by other "
+                             "code") from None
     load_state(tokenizer, blob["state_dict"], path / "tokenizer.pt")
     return tokenizer.eval().requires_grad_(False)
 
@@ -367,10 +375,14 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
 
 
 def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> Generator:
-    blob = load_weights(Path(run_dir) / "generator.pt")
-    generator = instantiate(blob["config"])(spec=tokenizer.spec, num_classes=blob["num_classes"])
+    path = Path(run_dir) / "generator.pt"
+    blob = load_weights(path)
+    try:
+        generator = instantiate(blob["config"])(spec=tokenizer.spec, num_classes=blob["num_classes"])
+    except RefusedTarget as err:
+        raise UnreadableFile(f"{path}: {err}; the file was changed or written by other code") from None
     generator.attach_tokenizer(tokenizer)
-    load_state(generator, blob["ema" if ema else "generator"], Path(run_dir) / "generator.pt")
+    load_state(generator, blob["ema" if ema else "generator"], path)
     return generator.eval()
 
 
@@ -409,7 +421,6 @@ def run(cfg: DictConfig, run_dir: Path) -> RunRecord:
     stages: dict[str, float] = {}  # wall-clock per stage of this run → costs.stage_seconds
     cfg = finalize_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
     cache = ArtifactCache(cfg.paths.artifact_dir)
 
     # Everything that can be wrong with the request fails here, before any training.
@@ -417,6 +428,7 @@ def run(cfg: DictConfig, run_dir: Path) -> RunRecord:
         check_settings(cfg)
         check_machine(cfg)
         check_run_dir(cfg, run_dir)
+        L.seed_everything(cfg.seed, workers=True)
         dm = build_datamodule(cfg)
         probe = build_tokenizer(cfg, dm)
         if cfg.train_generator:

@@ -59,7 +59,7 @@ def read_official(path: str | os.PathLike) -> Any:
         raise UnreadableFile(f"{path} holds {what}, which arvision does not unpickle (loading it could run code); "
                              "only official checkpoints of tensors, plain containers and argparse.Namespace are "
                              "read") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as err:  # garbage bytes
         reason = (str(err).splitlines() or [type(err).__name__])[0][:100]
         raise UnreadableFile(f"{path} cannot be read ({reason}): it is truncated or not a PyTorch checkpoint; "
                              "download it again") from None

@@ -22,7 +22,8 @@ def load_weights(path: str | os.PathLike, *, mmap: bool = False) -> Any:
         raise FileNotFoundError(f"no file {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, TypeError,
+            IndexError) as err:  # what torch.load raises for truncated or foreign bytes
         reason = (str(err).splitlines() or [type(err).__name__])[0][:100]
         raise UnreadableFile(f"{path} cannot be read ({reason}): it is truncated, corrupt or not written by "
                              f"arvision; restore it, or delete it to rebuild") from None

@@ -6,7 +6,7 @@ user's value always wins over the debug preset.
 
 `${short_hash:TEXT}` is 8 hex digits of TEXT's SHA-1: sweep job folders are `<job number>_<hash of its overrides>`
 (conf/hydra/default.yaml), short whatever the overrides; the overrides themselves are in the job's
-`.hydra/overrides.yaml` and its results.json.
+`.hydra/<time>/overrides.yaml` and its results.json.
 """
 
 from __future__ import annotations
