@@ -37,10 +37,11 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def compose_train(overrides: list[str], root: Path) -> DictConfig:
+def compose_config(name: str, overrides: list[str], root: Path) -> DictConfig:
+    """conf/<name>.yaml with every path rooted in `root` (a test's tmp_path)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name=name, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.root_dir = str(root)
         cfg.paths.output_dir = str(root / "run")
@@ -48,20 +49,15 @@ def compose_train(overrides: list[str], root: Path) -> DictConfig:
         cfg.paths.data_dir = str(root / "data")
         cfg.paths.log_dir = str(root / "outputs")
     return cfg
+
+
+def compose_train(overrides: list[str], root: Path) -> DictConfig:
+    return compose_config("train", overrides, root)
 
 
 def compose_import(overrides: list[str], root: Path) -> DictConfig:
-    """conf/import.yaml (arvision-import) rooted in `root`, e.g. ["official=var_d16", "tokenizer_file=…", …]."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="import", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(root)
-        cfg.paths.output_dir = str(root / "run")
-        cfg.paths.artifact_dir = str(root / "artifacts")
-        cfg.paths.data_dir = str(root / "data")
-        cfg.paths.log_dir = str(root / "outputs")
-    return cfg
+    """conf/import.yaml (arvision-import), e.g. ["official=var_d16", "tokenizer_file=…", …]."""
+    return compose_config("import", overrides, root)
 
 
 @pytest.fixture
