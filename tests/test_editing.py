@@ -282,7 +282,7 @@ def teacher_forced_scale_greedy(model: NextScaleGenerator, maps, labels, schedul
         uncond = model.logits(inputs, torch.full_like(labels, NUM_CLASSES), schedule)
     out, start = [], 0
     for k, n in enumerate(schedule):
-        t = model.guidance(cfg, k, len(schedule), "linear") if cfg != 1.0 else 0.0
+        t = model.guidance(cfg, k, tuple(schedule), "linear") if cfg != 1.0 else 0.0
         logits = (1 + t) * cond[:, start:start + n * n] - t * uncond[:, start:start + n * n]
         out.append(logits.argmax(-1).view(-1, n, n))
         start += n * n

@@ -386,7 +386,7 @@ def test_training_loss_reads_nothing_on_the_host_and_copies_nothing_there(kind: 
                         if device_type == "meta" else real_autocast(device_type, **kw))
     model, _ = make_sampler(kind)
     model = model.to("meta").train()
-    tokens = bench.random_tokens(model.spec, 4, torch.device("meta"), torch.Generator().manual_seed(0))
+    tokens = bench.random_tokens(model.training_spec, 4, torch.device("meta"), torch.Generator().manual_seed(0))
     labels = torch.zeros(4, dtype=torch.long, device="meta")
     model.loss(tokens, labels)["loss"].backward()
     for name in ("tensor", "as_tensor"):

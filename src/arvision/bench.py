@@ -69,7 +69,7 @@ def bench_training(generator: Generator, *, batch_size: int, device: torch.devic
                    warmup: int, repeats: int, compile: bool = False, seed: int = 0) -> dict[str, Any]:
     """Training throughput: forward + backward + optimiser step on random tokens."""
     rng = torch.Generator().manual_seed(seed)
-    tokens = random_tokens(generator.spec, batch_size, device, rng)
+    tokens = random_tokens(generator.training_spec, batch_size, device, rng)
     labels = torch.randint(0, generator.num_classes, (batch_size,), generator=rng).to(device)
     generator.train()
     optimizer = adamw(generator, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)

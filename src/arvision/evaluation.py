@@ -238,12 +238,11 @@ def evaluate_generator(generator: Generator, tokenizer: Tokenizer, dm, reference
 def test_loss(generator, dm, *, num_images: int, batch_size: int, seed: int, device: torch.device) -> float:
     """Mean generator loss over the first `num_images` test images (eval mode, seeded noise for flow/diffusion
     losses), weighted by batch size."""
-    tokenizer = generator.tokenizer_on(device)
     images, labels = dm.reference_images(num_images)
     total = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for x, y in zip(track(images.split(batch_size), "test loss", total=len(images)), labels.split(batch_size)):
             x = x.to(device).float() / 127.5 - 1.0
-            total += float(generator.loss(tokenizer.encode(x), y.to(device))["loss"]) * len(x)
+            total += float(generator.loss(generator.encode(x), y.to(device))["loss"]) * len(x)
     return total / num_images

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,12 +310,15 @@ def get_tokenizer(cfg: DictConfig, dm, cache: ArtifactCache) -> tuple[Tokenizer,
 
 # --------------------------------------------------------------------------------------------- token cache
 @torch.no_grad()
-def encode_dataset(tokenizer: Tokenizer, dataset, batch_size: int = 500) -> tuple[Any, torch.Tensor]:
+def encode_dataset(tokenizer: Tokenizer, dataset, batch_size: int = 500, *,
+                   encode: Callable[[torch.Tensor], Any] | None = None) -> tuple[Any, torch.Tensor]:
+    """The dataset's tokens by `encode` (the generator's `TokenEncoding`; default the tokenizer's) and labels."""
+    encode = encode or tokenizer.encode
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     chunks, labels = [], []
     with phase("encoding the token cache", total=len(dataset)) as bar:
         for images, y in loader:
-            chunks.append(compact(tokenizer.encode(images), tokenizer.spec.vocab_size))
+            chunks.append(compact(encode(images), tokenizer.spec.vocab_size))
             labels.append(y)
             bar.advance(len(y))
     return cat_tokens(chunks), torch.cat(labels)
@@ -323,14 +326,17 @@ def encode_dataset(tokenizer: Tokenizer, dataset, batch_size: int = 500) -> tupl
 
 def get_token_cache(cfg: DictConfig, tokenizer: Tokenizer, tokenizer_dir: Path, dm,
                     cache: ArtifactCache) -> tuple[Any, torch.Tensor]:
-    key = config_hash("tokens", tokenizer_dir.name, data_identity(cfg))
+    model = OmegaConf.to_container(cfg.generator.model, resolve=True)
+    encoding = check_target(model["_target_"]).token_encoding(tokenizer, model)
+    # A generator's own encoding (FlexVAR's per-side ground truth) is another cache: its name joins the key.
+    key = config_hash("tokens", tokenizer_dir.name, data_identity(cfg), *([encoding.name] if encoding.name else []))
 
     def build(tmp: Path) -> dict[str, Any]:
         start = time.perf_counter()
-        tokens, labels = encode_dataset(tokenizer, dm.train_set, cfg.data.eval_batch_size)
+        tokens, labels = encode_dataset(tokenizer, dm.train_set, cfg.data.eval_batch_size, encode=encoding.encode)
         torch.save({"tokens": tokens, "labels": labels}, tmp / "tokens.pt")
-        return {"kind": "tokens", "tokenizer": tokenizer_dir.name, "num_items": len(labels),
-                "encode_seconds": time.perf_counter() - start}
+        return {"kind": "tokens", "tokenizer": tokenizer_dir.name, "encoding": encoding.name,
+                "num_items": len(labels), "encode_seconds": time.perf_counter() - start}
 
     path = cache.get_or_build("tokens", key, build)
     blob = load_weights(path / "tokens.pt")

@@ -8,11 +8,14 @@ discovered with `hasattr`. A generator module subclasses `Generator` and provide
 - `loss(tokens, labels) -> dict` with the scalar `loss` to minimise (other entries are logged);
 - `sample(labels, *, cfg, generator, **sampling) -> tokens` in the tokenizer's layout;
 - `sampling_cost(**sampling) -> SamplingCost`: a pure function of the same settings as `sample`;
-- optionally `supports_editing = True` with `edit(...)`, and `no_weight_decay()`.
+- optionally `supports_editing = True` with `edit(...)`, and `no_weight_decay()`;
+- optionally `token_encoding` / `encode` when it trains on more than the tokenizer's tokens (FlexVAR's per-scale
+  ground truth quantised from the continuous latent): the token cache, the test loss and editing read them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -46,6 +49,16 @@ class SamplingCost:
 
     def to_dict(self) -> dict[str, int]:
         return {"passes": self.passes, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class TokenEncoding:
+    """What stage 2 trains on for a batch of images (B, C, H, W) in [-1, 1]: `encode(images)`. `name` is "" for
+    the tokenizer's own tokens, else it names the generator's encoding and is part of the token cache's key (the
+    cache must change when the ground truth does)."""
+
+    name: str
+    encode: Callable[[torch.Tensor], Any]
 
 
 class _Frozen:
@@ -90,6 +103,23 @@ class Generator(nn.Module):
         if next(tokenizer.parameters()).device != torch.device(device):
             tokenizer.to(device)
         return tokenizer
+
+    @classmethod
+    def token_encoding(cls, tokenizer: Tokenizer, model: Mapping[str, Any]) -> TokenEncoding:
+        """The encoding stage 2 trains on, from the generator's settings (`generator.model`) before any generator is
+        built (the token cache comes first): the tokenizer's tokens unless a generator says otherwise."""
+        return TokenEncoding(name="", encode=tokenizer.encode)
+
+    def encode(self, images: torch.Tensor) -> Any:
+        """This generator's training tokens of `images` (what `loss` and `edit` take): `token_encoding` of its
+        settings; the tokenizer's tokens unless a generator overrides it."""
+        return self.tokenizer_on(images.device).encode(images)
+
+    @property
+    def training_spec(self) -> TokenSpec:
+        """The layout of the tokens `loss` takes (what `encode` returns; arvision-bench draws random ones in it): the
+        tokenizer's spec unless the generator trains on its own encoding."""
+        return self.spec
 
     def loss(self, tokens: Any, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -150,7 +150,7 @@ def edit_images(generator: Generator, tokenizer: Tokenizer, images: torch.Tensor
     for x, y, m in zip(track(images.split(batch_size), "editing", total=len(images)), labels.split(batch_size),
                        known.split(batch_size)):
         x, y, m = x.to(device), y.to(device), m.to(device)
-        tokens = generator.edit(y, tokenizer.encode(x), m, generator=rng, **sampling)
+        tokens = generator.edit(y, generator.encode(x), m, generator=rng, **sampling)
         chunks.append(tokenizer.decode(tokens).clamp(-1, 1).cpu())
     return torch.cat(chunks), time.perf_counter() - start
 

@@ -20,14 +20,25 @@ area-downsampled to n_{k+1} (the tokenizer's `teacher_forcing_inputs` / `next_sc
 (`lvl_embed`) + a learned absolute table over all L positions (`pos_1LC`), so the schedule is fixed.
 
 FlexVAR (`residual=False`, tokenizer=vq). No residuals: scale k's tokens quantise the latent at n_k×n_k on its own,
-so every step is a whole image, and the image decodes from the last map (the (B, side, side) grid) alone. FlexVAR
-downsamples the continuous encoder latent; the token cache holds only indices, so here the *quantised* latent
-z_q = codebook[grid] is area-downsampled to n_k and re-quantised with the tokenizer's nearest-code rule (cosine for
-an l2-normalised codebook); the last scale is the grid itself. The input of scale k+1 is scale k's code map,
-bicubic-upsampled to n_{k+1} (FlexVAR's `encode_var_wo_firstL` and sampler). Positions: a learned P×P grid
-(P = 2·side, FlexVAR's sin/cos init) area-resized to each n_k, no level embedding, so any schedule works; training
-draws a random schedule per batch (FlexVAR's `gen_curr_patch_nums`, see `flexvar_schedule`) and sampling takes
-any `schedule` that starts at the trained first side and ends at the grid side.
+so every step is a whole image, and the image decodes from the last map alone. The input of scale k+1 is scale
+k's code map, bicubic-upsampled to n_{k+1} (FlexVAR's `encode_var_wo_firstL` and sampler). Positions: a learned
+P×P grid (P = 2·side, FlexVAR's sin/cos init) area-resized to each n_k, no level embedding, so any schedule works.
+FlexVAR's behaviour is the default; arvision's earlier choices stay as options (measured in
+experiments/flexvar_steps/README.md):
+- `ground_truth`: "continuous" (FlexVAR) — scale k's target quantises the *continuous* latent area-downsampled to
+  n_k; the token cache then holds one map per side 1..side (`encode` → the tokenizer's `encode_scales`, cached
+  under its own key). "requantised" — the cache holds the grid only and each scale re-quantises the
+  area-downsampled *quantised* latent codebook[grid] (cosine rule for an l2-normalised codebook).
+- Training draws a random schedule per batch (FlexVAR's `gen_curr_patch_nums`, `flexvar_schedule`). `trim_last`
+  true (FlexVAR): trimming a schedule to the token budget may drop its last side, so about a third of the batches
+  end below the grid (at side 16); false: every schedule ends at the grid.
+- Sampling takes any schedule that starts at the trained first side and ends at the grid side or beyond it
+  (resolution extrapolation, FlexVAR's 512 px `…_16_23_32`: the position grid is resized past P and the tokenizer
+  decodes the larger latent). CFG `cfg_schedule="linear"` is FlexVAR's ramp t_k = (cfg − 1)·k/min(K − 1, K₀ − 1),
+  K₀ the default schedule's length (9 at side 16), with the full cfg − 1 at sides above the grid: VAR's ramp for
+  schedules no longer than the default, the default's slope for longer ones (it passes cfg − 1 after step K₀ − 1);
+  "linear_to_last" stretches the ramp to reach cfg − 1 at the last step of any schedule. `greedy_off_grid` true
+  (FlexVAR): a side that is not in the default schedule (`scales`) or lies above the grid is drawn with top-k 1.
 
 Blocks are VAR's `AdaLNSelfAttn`: LayerNorm without affine, modulated by the class vector (SiLU → Linear → γ1, γ2,
 scale1, scale2, shift1, shift2), x += γ1·Attn(LN(x)(1+s1)+b1), x += γ2·FFN(LN(x)(1+s2)+b2), tanh-GELU FFN (4×),
@@ -48,20 +59,23 @@ and `loss_last` / `acc_last` (the finest scale, VAR's "t" metrics) on every sche
 CFG: `cfg` is the guidance weight at the last scale, with the framework's convention that cfg = 1 is unguided
 (only the B conditional rows run; any other cfg runs conditional + null-class rows as one batch of 2B). VAR's ramp
 is applied to its excess: logits (1 + t_k)·cond − t_k·uncond with t_k = (cfg − 1)·k/(K − 1) ("linear", VAR: the
-first scale unguided) or t_k = cfg − 1 ("constant"). VAR's own `cfg=s` is t at the last scale, so VAR's cfg s is
-cfg = 1 + s here: its FID setting cfg 1.5, top_k 900, top_p 0.96 reads cfg 2.5 here.
+first scale unguided; FlexVAR's capped form for longer schedules, see above), "linear_to_last" or t_k = cfg − 1
+("constant"). VAR's own `cfg=s` is t at the last scale, so VAR's cfg s is cfg = 1 + s here: its FID setting
+cfg 1.5, top_k 900, top_p 0.96 reads cfg 2.5 here, and FlexVAR's cfg 2.5, top_k 900, top_p 0.95 reads cfg 3.5.
 
 State-dict keys follow VAR (`class_emb`, `pos_start`, `pos_1LC`, `lvl_embed`, `word_embed`,
 `blocks.{i}.attn.mat_qkv`, `…attn.q_bias`, `…attn.scale_mul_1H11`, `…ffn.fc1`, `blocks.{i}.ada_lin.1`,
 `head_nm.ada_lin.1`, `head`); VAR's checkpoints also hold the buffers `lvl_1L` and `attn_bias_for_masking`, which
-are rebuilt here (load with strict=False). FlexVAR's `pos_1LC` is the 1×C×P×P grid, as here.
+are rebuilt here (load with strict=False). FlexVAR's `pos_1LC` is the 1×C×P×P grid, as here, and its
+`attn_bias_for_masking` is rebuilt too (arvision.imports.flexvar reads and writes FlexVAR's files).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,7 +83,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from arvision.generators.base import Generator, SamplingCost, require
+from arvision.generators.base import Generator, SamplingCost, TokenEncoding, require
 from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import (apply_temperature, classifier_free_guidance, linear_cfg_schedule,
                                          sample_from_logits, top_k_filter, top_p_filter)
@@ -84,31 +98,35 @@ from arvision.tokenizers.base import TokenSpec
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MASK_CACHE_SIZE = 64  # FlexVAR draws a schedule per batch: keep the masks of the most recent ones
 DECODE_MODES = ("eager", "static", "compiled")
+GROUND_TRUTHS = ("continuous", "requantised")  # FlexVAR's per-scale targets: see the module docstring
+CFG_SCHEDULES = ("linear", "linear_to_last", "constant")
 
 
 def var_schedule(side: int) -> tuple[int, ...]:
     return tuple(n for n in VAR_PATCH_NUMS if n < side) + (side,)
 
 
-def check_schedule(schedule: Sequence[int], side: int) -> tuple[int, ...]:
+def check_schedule(schedule: Sequence[int], side: int, *, beyond: bool = False) -> tuple[int, ...]:
+    """`schedule` as a tuple of ints, strictly increasing and ending at `side` (or above it when `beyond`)."""
     schedule = tuple(int(n) for n in schedule)
     if not schedule or schedule[0] < 1 or any(b <= a for a, b in zip(schedule, schedule[1:])):
         raise ValueError(f"a schedule must be strictly increasing positive sides, got {schedule}")
-    if schedule[-1] != side:
-        raise ValueError(f"a schedule must end at the token grid side {side}, got {schedule}")
+    if schedule[-1] != side and not (beyond and schedule[-1] > side):
+        where = f"at the token grid side {side} or above it" if beyond else f"at the token grid side {side}"
+        raise ValueError(f"a schedule must end {where}, got {schedule}")
     return schedule
 
 
-def flexvar_schedule(default: Sequence[int], *, full_prob: float = 0.05,
+def flexvar_schedule(default: Sequence[int], *, full_prob: float = 0.05, trim_last: bool = True,
                      generator: torch.Generator | None = None) -> tuple[int, ...]:
     """One random training schedule, FlexVAR's `gen_curr_patch_nums` generalised from side 16 to any side.
 
     FlexVAR (side 16, K = 10): with p = 5% VAR's schedule; else [1, 2] + 5 distinct sides from 3..10 + 2 from 11..15
-    + [16]; then drop 1/2/3/4 intermediate scales with p 10/5/2/1%; then drop scales near the end until the tokens
-    fit VAR's 680. Generalised: the first two sides of `default` are kept, its K − 3 middle sides are drawn in the
-    same 5 : 2 proportion from the bands (n_2, ⌈11·side/16⌉) and [⌈11·side/16⌉, side), and the budget is the default
-    schedule's token count. Unlike FlexVAR's trimming (which may drop the last side), the schedule always ends at
-    the full grid, whose tokens are the ones decoded.
+    + [16]; then drop 1/2/3/4 intermediate scales with p 10/5/2/1%; then, while the tokens exceed VAR's 680, drop
+    one of the last four sides (the last one included). Generalised: the first two sides of `default` are kept, its
+    K − 3 middle sides are drawn in the same 5 : 2 proportion from the bands (n_2, ⌈11·side/16⌉) and
+    [⌈11·side/16⌉, side), and the budget is the default schedule's token count. `trim_last=False` (arvision's
+    earlier rule) never trims the last side, so every schedule ends at the grid.
     """
     default = tuple(default)
     side = default[-1]
@@ -120,15 +138,18 @@ def flexvar_schedule(default: Sequence[int], *, full_prob: float = 0.05,
         order = torch.randperm(len(choices), generator=generator)[:k].tolist()
         return [choices[i] for i in order]
 
-    if len(default) < 4 or rand() < full_prob:
+    if len(default) < 4:
         return default
-    middle = len(default) - 3
-    split = max(default[1] + 1, math.ceil(11 * side / 16))
-    low, high = list(range(default[1] + 1, split)), list(range(split, side))
-    n_high = min(len(high), round(middle * 2 / 7))
-    n_low = min(len(low), middle - n_high)
-    n_high = min(len(high), middle - n_low)  # a narrow low band hands its share to the high one
-    schedule = list(default[:2]) + sorted(pick(low, n_low) + pick(high, n_high)) + [side]
+    if rand() < full_prob:
+        schedule = list(default)  # FlexVAR drops scales from this one too
+    else:
+        middle = len(default) - 3
+        split = max(default[1] + 1, math.ceil(11 * side / 16))
+        low, high = list(range(default[1] + 1, split)), list(range(split, side))
+        n_high = min(len(high), round(middle * 2 / 7))
+        n_low = min(len(low), middle - n_high)
+        n_high = min(len(high), middle - n_low)  # a narrow low band hands its share to the high one
+        schedule = list(default[:2]) + sorted(pick(low, n_low) + pick(high, n_high)) + [side]
     x = rand()
     for threshold in (0.9, 0.95, 0.98, 0.99):  # scale dropping: intermediate sides only, never the first two
         if x > threshold and len(schedule) > 3:
@@ -136,7 +157,7 @@ def flexvar_schedule(default: Sequence[int], *, full_prob: float = 0.05,
     budget = sum(n * n for n in default)
     while sum(n * n for n in schedule) > budget and len(schedule) > 3:
         first = max(2, len(schedule) - 4)
-        schedule.pop(first + pick(range(len(schedule) - 1 - first), 1)[0])
+        schedule.pop(first + pick(range(len(schedule) - first - (0 if trim_last else 1)), 1)[0])
     return tuple(schedule)
 
 
@@ -276,8 +297,11 @@ class NextScaleGenerator(Generator):
                  attn_l2_norm: bool = True, cond_drop_rate: float = 0.1, init_adaln: float = 0.5,
                  init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float | None = None,
                  residual: bool = True, scales: Sequence[int] | None = None, random_schedules: bool = True,
-                 full_schedule_prob: float = 0.05, pos_grid: int | None = None, attention: str = "auto") -> None:
+                 full_schedule_prob: float = 0.05, trim_last: bool = True, ground_truth: str = "continuous",
+                 pos_grid: int | None = None, attention: str = "auto") -> None:
         super().__init__()
+        if ground_truth not in GROUND_TRUTHS:
+            raise ValueError(f"ground_truth must be one of {GROUND_TRUTHS}, got {ground_truth!r}")
         if residual:
             require(spec, generator="next_scale", ok=spec.kind == "discrete" and spec.layout == "scales",
                     needs="a multi-scale tokenizer (tokenizer=msvq) or residual=false with tokenizer=vq")
@@ -297,6 +321,7 @@ class NextScaleGenerator(Generator):
         else:
             self.scales = check_schedule(var_schedule(self.side) if scales is None else scales, self.side)
         self.random_schedules, self.full_schedule_prob = random_schedules and not residual, full_schedule_prob
+        self.trim_last, self.ground_truth = trim_last, ground_truth  # FlexVAR mode only
         self.attention = attention
         self.depth = depth
         self.dim = dim = dim or 64 * depth  # VAR's size rule
@@ -361,9 +386,10 @@ class NextScaleGenerator(Generator):
     # --- schedules, positions, masks --------------------------------------------------------------------------
 
     def check_schedule(self, schedule: Sequence[int] | None) -> tuple[int, ...]:
+        """A sampling schedule (None: the default one); FlexVAR mode may end above the grid side."""
         if schedule is None:
             return self.scales
-        schedule = check_schedule(schedule, self.side)
+        schedule = check_schedule(schedule, self.side, beyond=not self.residual)
         if self.residual and schedule != self.scales:
             raise ValueError(f"VAR mode (residual=true) samples the tokenizer's scales {self.scales}; "
                              f"any schedule needs residual=false (FlexVAR), got {schedule}")
@@ -374,7 +400,7 @@ class NextScaleGenerator(Generator):
     def training_schedule(self) -> tuple[int, ...]:
         """The schedule of one training batch: random (FlexVAR) in training mode, else the default one."""
         if self.training and self.random_schedules:
-            return flexvar_schedule(self.scales, full_prob=self.full_schedule_prob)
+            return flexvar_schedule(self.scales, full_prob=self.full_schedule_prob, trim_last=self.trim_last)
         return self.scales
 
     def positions(self, schedule: tuple[int, ...]) -> torch.Tensor:
@@ -405,19 +431,63 @@ class NextScaleGenerator(Generator):
 
     # --- tokens → teacher-forcing inputs and targets -------------------------------------------------------------
 
-    def quantized_scales(self, grid: torch.Tensor, schedule: tuple[int, ...]) -> tuple[list[torch.Tensor],
-                                                                                      list[torch.Tensor]]:
-        """FlexVAR mode: the grid tokens (B, side, side) → per-scale indices (B, n, n) and code maps (B, C, n, n).
+    @classmethod
+    def token_encoding(cls, tokenizer, model: Mapping[str, Any]) -> TokenEncoding:
+        """FlexVAR mode with ground_truth=continuous trains on one map per side 1..side (`encode`); otherwise the
+        tokenizer's tokens."""
+        if model.get("residual", True) or model.get("ground_truth", "continuous") != "continuous":
+            return super().token_encoding(tokenizer, model)
+        sides = tuple(range(1, tokenizer.spec.grid[0] + 1))
+        return TokenEncoding(name=f"flexvar_continuous_sides_1-{sides[-1]}",
+                             encode=lambda images: tokenizer.encode_scales(images, sides))
 
-        Each scale re-quantises the area-downsampled quantised latent on its own (no residual); the last is the grid.
+    def encode(self, images: torch.Tensor) -> Any:
+        """Training tokens: VAR mode and ground_truth=requantised the tokenizer's; ground_truth=continuous one map
+        (B, n, n) per side n = 1..side, each quantised from the continuous latent area-resized to n."""
+        if self.residual or self.ground_truth != "continuous":
+            return super().encode(images)
+        return self.tokenizer_on(images.device).encode_scales(images, range(1, self.side + 1))
+
+    @property
+    def training_spec(self) -> TokenSpec:
+        """ground_truth=continuous trains on one map per side 1..side: the multi-scale layout over those sides."""
+        if self.residual or self.ground_truth != "continuous":
+            return self.spec
+        return dataclasses.replace(self.spec, layout="scales", scales=tuple(range(1, self.side + 1)))
+
+    def check_flex_tokens(self, tokens) -> None:
+        """FlexVAR mode: tokens in the form `ground_truth` trains on, else one line saying what to pass."""
+        per_side = isinstance(tokens, (list, tuple))
+        if self.ground_truth == "continuous" and not per_side:
+            raise ValueError(f"next_scale with ground_truth=continuous (FlexVAR) trains on generator.encode(images), "
+                             f"one map per side 1..{self.side}; got a single token grid (ground_truth=requantised "
+                             "trains on grids)")
+        if self.ground_truth == "requantised" and per_side:
+            raise ValueError("next_scale with ground_truth=requantised trains on the token grid (B, side, side); got "
+                             f"{len(tokens)} per-side maps (those are ground_truth=continuous's tokens)")
+
+    def quantized_scales(self, tokens, schedule: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """FlexVAR mode: tokens → per-scale indices (B, n, n) and code maps (B, C, n, n) of `schedule`.
+
+        `tokens` one map per side 1..side (`encode` under ground_truth=continuous): scale n's indices are map n, the
+        continuous latent quantised at that side. `tokens` the grid (B, side, side): each scale re-quantises the
+        area-downsampled quantised latent codebook[grid] on its own (no residual); the grid side is the grid itself.
         """
+        per_side = isinstance(tokens, (list, tuple))
+        if per_side and [tuple(t.shape[1:]) for t in tokens] != [(n, n) for n in range(1, self.side + 1)]:
+            raise ValueError(f"per-side tokens must be {self.side} maps (B, n, n) for n = 1..{self.side}, got "
+                             f"{[tuple(t.shape) for t in tokens]}")
+        grid = tokens[-1] if per_side else tokens
         tokenizer = self.tokenizer_on(grid.device)
         with torch.autocast(device_type=grid.device.type, enabled=False):
             codebook = tokenizer.codebook().float()  # l2-normalised rows when the tokenizer uses cosine lookup
             z_q = rearrange(codebook[grid], "b h w c -> b c h w")
             indices, codes = [], []
             for n in schedule:
-                if n == self.side:
+                if per_side:
+                    idx = tokens[n - 1]
+                    code = rearrange(codebook[idx], "b h w c -> b c h w")
+                elif n == self.side:
                     idx, code = grid, z_q
                 else:
                     z = F.interpolate(z_q, size=(n, n), mode="area")
@@ -440,11 +510,12 @@ class NextScaleGenerator(Generator):
             inputs = self.tokenizer_on(tokens[0].device).teacher_forcing_inputs(tokens)
             targets = torch.cat([t.flatten(1) for t in tokens], dim=1)
             return inputs, targets
+        self.check_flex_tokens(tokens)
         indices, codes = self.quantized_scales(tokens, schedule)
         inputs = [self.flex_input(code, n) for code, n in zip(codes[:-1], schedule[1:])]
         targets = torch.cat([i.flatten(1) for i in indices], dim=1)
         if not inputs:
-            return codes[0].new_zeros(tokens.shape[0], 0, self.spec.dim), targets
+            return codes[0].new_zeros(targets.shape[0], 0, self.spec.dim), targets
         return torch.cat(inputs, dim=1), targets
 
     # --- the network -----------------------------------------------------------------------------------------------
@@ -476,8 +547,15 @@ class NextScaleGenerator(Generator):
         return self.run(x, cond, attn_mask=self.attn_mask(schedule, x.device))
 
     def forward(self, tokens, labels: torch.Tensor, *, schedule: Sequence[int] | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, L, vocab); scale k's logits depend on the class and scales < k only."""
-        schedule = self.check_schedule(schedule)
+        """Teacher-forced logits (B, L, vocab); scale k's logits depend on the class and scales < k only. FlexVAR
+        mode takes any schedule a training batch may draw (it may end below the grid side)."""
+        if schedule is not None and not self.residual:
+            schedule = check_schedule(schedule, max(int(schedule[-1]), 1))
+            if schedule[0] != self.scales[0] or schedule[-1] > self.side:
+                raise ValueError(f"a teacher-forced schedule must start at {self.scales[0]} and end at or below the "
+                                 f"grid side {self.side}, got {schedule}")
+        else:
+            schedule = self.check_schedule(schedule)
         inputs, _ = self.teacher_forcing(tokens, schedule)
         return self.logits(inputs, labels, schedule)
 
@@ -500,15 +578,22 @@ class NextScaleGenerator(Generator):
 
     # --- sampling ----------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def guidance(cfg: float, k: int, num_steps: int, cfg_schedule: str) -> float:
-        """VAR's t at step k of K: (cfg − 1)·k/(K − 1) ("linear") or cfg − 1 ("constant"); logits (1 + t)·c − t·u
-        (VAR's `cfg` is cfg − 1 here, see the module docstring)."""
-        if cfg_schedule == "linear":
-            return linear_cfg_schedule(cfg - 1.0, k, num_steps)
-        if cfg_schedule == "constant":
+    def guidance(self, cfg: float, k: int, schedule: tuple[int, ...], cfg_schedule: str) -> float:
+        """t at step k of `schedule`; the guided logits are (1 + t)·c − t·u (VAR's `cfg` is cfg − 1 here, see the
+        module docstring). "linear" (VAR, FlexVAR's `autoregressive_infer_cfg`): (cfg − 1)·k/min(K − 1, K₀ − 1) with
+        K₀ the default schedule's length, and cfg − 1 at sides above the grid; in VAR mode K = K₀, VAR's ramp.
+        "linear_to_last": (cfg − 1)·k/(K − 1) for any schedule. "constant": cfg − 1."""
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+        if cfg_schedule == "constant" or schedule[k] > self.side:
             return cfg - 1.0
-        raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        steps = len(schedule) if cfg_schedule == "linear_to_last" else min(len(schedule), len(self.scales))
+        return linear_cfg_schedule(cfg - 1.0, k, steps) if steps > 1 else cfg - 1.0
+
+    def draw_top_k(self, n: int, top_k: int, greedy_off_grid: bool) -> int:
+        """The top-k of the draw at side n: 1 (greedy) when `greedy_off_grid` and n is a side the default schedule
+        lacks or lies above the grid (FlexVAR's zero-shot rule), else `top_k`."""
+        return 1 if greedy_off_grid and (n > self.side or n not in self.scales) else top_k
 
     # --- sampling ---------------------------------------------------------------------------------------------
 
@@ -545,19 +630,22 @@ class NextScaleGenerator(Generator):
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_schedule: str = "linear",
-               schedule: Sequence[int] | None = None, decode: str = "eager", more_smooth: bool = False):
+               schedule: Sequence[int] | None = None, decode: str = "eager", more_smooth: bool = False,
+               greedy_off_grid: bool = True):
         """Sample for `labels` (B,): VAR mode → list of K maps (B, n_k, n_k); FlexVAR mode → the grid (B, side, side).
 
         One forward per scale over only that scale's tokens, against per-block KV caches. cfg ≠ 1 runs the
         conditional and null-class rows as one batch of 2B (see the module docstring for the parametrisation).
         `schedule` (FlexVAR mode) may differ from the trained one, in sides and in number of steps. `decode` =
         eager | static | compiled runs the per-scale forward (module docstring); all three sample the same tokens.
+        FlexVAR mode: the schedule may end above the grid (the map returned is then that larger grid), and
+        `greedy_off_grid` draws sides off the default schedule greedily (`draw_top_k`, FlexVAR's rule).
         `more_smooth` (VAR mode; VAR's option for pictures, not for FID): each scale feeds on the Gumbel-softmax
         mix of the codebook instead of the drawn code (`smooth_codes`), and the K maps returned are those code
         vectors (B, n_k, n_k, code_dim) float, which the multi-scale tokenizer decodes like indices.
         """
         schedule = self.check_schedule(schedule)
-        self.guidance(cfg, 0, len(schedule), cfg_schedule)  # validates the schedule name before any work
+        self.guidance(cfg, 0, schedule, cfg_schedule)  # validates the schedule name before any work
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if more_smooth and (not self.residual or temperature <= 0):
@@ -578,9 +666,10 @@ class NextScaleGenerator(Generator):
             for k, n in enumerate(schedule):
                 logits = step(x, cond, start, n * n)
                 if guided:
-                    t = self.guidance(cfg, k, len(schedule), cfg_schedule)
+                    t = self.guidance(cfg, k, schedule, cfg_schedule)
                     logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u
-                idx = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                top_k_n = self.draw_top_k(n, top_k, greedy_off_grid)
+                idx = sample_from_logits(logits, temperature=temperature, top_k=top_k_n, top_p=top_p,
                                          generator=generator)
                 if more_smooth:  # VAR draws the code first (same random stream), then mixes the codebook instead
                     kept = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
@@ -619,22 +708,25 @@ class NextScaleGenerator(Generator):
     @torch.inference_mode()
     def edit(self, labels: torch.Tensor, known_tokens, known: torch.Tensor, *, cfg: float = 1.0,
              generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             cfg_schedule: str = "linear", schedule: Sequence[int] | None = None):
+             cfg_schedule: str = "linear", schedule: Sequence[int] | None = None, greedy_off_grid: bool = True):
         """In-/out-painting by VAR's zero-shot rule: sample each scale as `sample` does, then overwrite the tokens
         whose cell is known at that scale with the reference's ground-truth tokens before they reach the
         accumulator (VAR) or the next scale's input (FlexVAR). At the last scale the known region therefore
         decodes from ground truth. Returns what `sample` returns.
 
-        `known_tokens`: the tokenizer's tokens of the reference images — VAR mode the K maps of `encode`, FlexVAR
-        mode the grid (B, side, side), whose per-scale ground truth is re-quantised as in training
-        (`quantized_scales`, on the sampling `schedule`). `known`: bool mask (B, H, W) or (H, W) at any resolution
+        `known_tokens`: the reference images' tokens — VAR mode the K maps of `encode`; FlexVAR mode `encode(images)`
+        (one map per side under ground_truth=continuous) or the grid (B, side, side), whose per-scale ground truth
+        is then re-quantised (`quantized_scales`, on the sampling `schedule`, which must end at the grid). `known`: bool mask (B, H, W) or (H, W) at any resolution
         (pixels, or the finest token grid); each scale's mask is `editing.known_on_grid(known, n_k)`, so a coarse
         token is known only if its whole cell is. Every scale still runs its forward pass (later scales attend to
         its keys); a scale known in every row is not drawn, others are drawn exactly as in `sample`, so an empty
         mask reproduces `sample` for the same generator state.
         """
         schedule = self.check_schedule(schedule)
-        self.guidance(cfg, 0, len(schedule), cfg_schedule)  # validates the schedule name before any work
+        self.guidance(cfg, 0, schedule, cfg_schedule)  # validates the schedule name before any work
+        if schedule[-1] != self.side:
+            raise ValueError(f"editing keeps tokens of the {self.side}×{self.side} grid: its schedule must end at "
+                             f"side {self.side}, got {schedule}")
         was_training = self.training
         self.eval()
         try:
@@ -647,10 +739,13 @@ class NextScaleGenerator(Generator):
                                      f"{schedule}, got {[tuple(t.shape) for t in known_tokens]}")
                 truth = [t.to(device).flatten(1) for t in known_tokens]
             else:
-                if tuple(known_tokens.shape) != (b, self.side, self.side):
-                    raise ValueError(f"known_tokens must be the grid (B={b}, {self.side}, {self.side}), "
-                                     f"got {tuple(known_tokens.shape)}")
-                truth = [i.flatten(1) for i in self.quantized_scales(known_tokens.to(device), schedule)[0]]
+                per_side = isinstance(known_tokens, (list, tuple))
+                grid = known_tokens[-1] if per_side else known_tokens
+                if tuple(grid.shape) != (b, self.side, self.side):
+                    raise ValueError(f"known_tokens must be the grid (B={b}, {self.side}, {self.side}) or "
+                                     f"generator.encode(images), got {tuple(grid.shape)} at the grid side")
+                known_tokens = [t.to(device) for t in known_tokens] if per_side else known_tokens.to(device)
+                truth = [i.flatten(1) for i in self.quantized_scales(known_tokens, schedule)[0]]
             known = batch_mask(known, b, device)
             masks = [known_on_grid(known, n).flatten(1) for n in schedule]
             drawn = [not m for m in torch.stack([m.all() for m in masks]).tolist()]  # one host read
@@ -665,9 +760,10 @@ class NextScaleGenerator(Generator):
                 logits = self.run(x, cond, caches=caches)
                 if drawn[k]:
                     if guided:
-                        t = self.guidance(cfg, k, len(schedule), cfg_schedule)
+                        t = self.guidance(cfg, k, schedule, cfg_schedule)
                         logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u
-                    idx = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                    top_k_n = self.draw_top_k(n, top_k, greedy_off_grid)
+                    idx = sample_from_logits(logits, temperature=temperature, top_k=top_k_n, top_p=top_p,
                                              generator=generator)
                     idx = torch.where(masks[k], truth[k], idx)  # the zero-shot rule
                 else:

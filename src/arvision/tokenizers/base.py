@@ -70,9 +70,10 @@ class Tokenizer(nn.Module):
     dict with `recon` (images in [-1, 1]), `loss` (the total generator-side loss), the individual loss terms
     and per-batch stats (`usage`, `perplexity` for discrete tokenizers).
 
-    Optional abilities are declared, never discovered: `spec.has_codebook` with `codebook` and `nearest_codes`
-    (what FlexVAR re-quantises with), `has_scaling_factor` with `calibrate_scaling` (continuous latents scaled to
-    unit variance after stage 1), and the multi-scale operations of `MultiScaleTokenizer` for `layout="scales"`.
+    Optional abilities are declared, never discovered: `spec.has_codebook` with `codebook`, `nearest_codes` and
+    `encode_scales` (FlexVAR's per-scale tokens), `has_scaling_factor` with `calibrate_scaling` (continuous
+    latents scaled to unit variance after stage 1), and the multi-scale operations of `MultiScaleTokenizer` for
+    `layout="scales"`.
     """
 
     spec: TokenSpec
@@ -91,6 +92,11 @@ class Tokenizer(nn.Module):
 
     def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
         """Indices (N,) of the codes the tokenizer's own lookup picks for vectors `z` (N, dim)."""
+        raise NotImplementedError(f"tokenizer={self.spec.name} exposes no codebook")
+
+    def encode_scales(self, images: torch.Tensor, sides: Sequence[int]) -> list[torch.Tensor]:
+        """One token map (B, n, n) per side n: the continuous latent area-resized to n and quantised on its own
+        (FlexVAR's per-scale ground truth); only when `spec.has_codebook`."""
         raise NotImplementedError(f"tokenizer={self.spec.name} exposes no codebook")
 
     def calibrate_scaling(self, images: torch.Tensor | Iterable, *, max_images: int | None = None) -> float:

@@ -5,10 +5,12 @@ Tokens: LongTensor (B, h, w) with h = w = image_size / 2^(levels − 1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from arvision.tokenizers.base import TokenSpec
@@ -46,6 +48,17 @@ class VQTokenizer(ConvTokenizer):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.quantize_images(images)[1]
+
+    def encode_scales(self, images: torch.Tensor, sides: Sequence[int]) -> list[torch.Tensor]:
+        """FlexVAR's per-scale tokens (its trainer's `encode_var_wo_firstL`): the continuous latent (after quant_conv)
+        area-resized to each side n and quantised on its own → one (B, n, n) map per side; at the grid side that is
+        `encode(images)`."""
+        z = self.quant_conv(self.encoder(images))
+        maps = []
+        for n in sides:
+            z_n = z if n == z.shape[-1] else F.interpolate(z, size=(n, n), mode="area")
+            maps.append(self.nearest_codes(rearrange(z_n, "b c h w -> (b h w) c")).view(z.shape[0], n, n))
+        return maps
 
     def codebook(self) -> torch.Tensor:
         return self.quantize.codebook()
