@@ -110,6 +110,7 @@ class MultiScaleQuantizer(nn.Module):
         self.embedding = nn.Embedding(vocab_size, dim)  # one codebook shared by every scale
         nn.init.uniform_(self.embedding.weight, -1.0 / vocab_size, 1.0 / vocab_size)
         # VAR: phi_count 0 = one φ per scale, 1 = one shared φ, else partially shared. A zero ratio is the identity.
+        self.phi_count = phi_count  # VAR names the three kinds differently in its files (arvision.imports.var)
         count = phi_count or len(self.scales)
         self.quant_resi = nn.ModuleList(
             [Phi(dim, phi_kernel, phi_ratio) if abs(phi_ratio) > 1e-6 else nn.Identity() for _ in range(count)])
