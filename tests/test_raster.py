@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arvision.generators import IncompatibleTokenizer, RasterGenerator
-from arvision.generators.sampling import classifier_free_guidance
+from arvision.generators.sampling import classifier_free_guidance, top_p_filter, top_p_filter_llamagen
 from arvision.nn import Attention, KVCache, apply_rope, causal_mask, grid_positions, rope_2d
 from arvision.tokenizers.base import TokenSpec
 
@@ -202,9 +202,68 @@ def test_cfg_interval_and_greedy() -> None:
     model = shared()
     labels = torch.arange(2)
     greedy = lambda **kw: model.sample(labels, temperature=0.0, **kw)
-    # guiding zero tokens is the conditional model; guiding all differs from it at a strong scale
-    assert torch.equal(greedy(cfg=4.0, cfg_interval=0), greedy(cfg=1.0))
+    # guiding every token differs from the conditional model at a strong scale; cfg_interval past the last
+    # token guides every token
     assert not torch.equal(greedy(cfg=4.0), greedy(cfg=1.0))
+    assert torch.equal(greedy(cfg=4.0, cfg_interval=14), greedy(cfg=4.0))
+    assert not torch.equal(greedy(cfg=4.0, cfg_interval=13), greedy(cfg=4.0))
+
+
+@pytest.mark.parametrize("cfg_interval", [-1, 0, 1, 3, 13, 14, 40])
+def test_cfg_interval_guides_the_tokens_llamagen_guides(cfg_interval: int) -> None:
+    """LlamaGen's generate guides token 0 in its prefill, then decode step i (token i + 1) while i ≤ cfg_interval:
+    tokens 0 … cfg_interval + 1. Checked on the greedy sequence itself: teacher-forced on it, each token must be
+    the argmax of the guided logits where LlamaGen guides and of the conditional logits after."""
+    model, cfg = shared(), 4.0
+    labels = torch.arange(3)
+    tokens = model.sample(labels, cfg=cfg, cfg_interval=cfg_interval, temperature=0.0)
+    with torch.no_grad():
+        cond = model(tokens, labels)
+        uncond = model(tokens, torch.full_like(labels, NUM_CLASSES))
+    n = cond.shape[1]
+    guided = torch.tensor([cfg_interval < 0 or t <= cfg_interval + 1 for t in range(n)])
+    expected = torch.where(guided[None, :], classifier_free_guidance(cond, uncond, cfg).argmax(-1), cond.argmax(-1))
+    assert torch.equal(tokens.flatten(1), expected)
+    # and the guided count is one the rule tells apart from its neighbours (the greedy argmaxes differ there)
+    if 0 <= cfg_interval < n - 2:
+        t = cfg_interval + 2  # the first unguided token
+        assert not torch.equal(classifier_free_guidance(cond, uncond, cfg)[:, t].argmax(-1), cond[:, t].argmax(-1))
+
+
+def test_cfg_interval_counts_guided_draws(monkeypatch) -> None:
+    """The number of CFG combinations per run: every token, or cfg_interval + 2 of them (also when editing)."""
+    import arvision.generators.raster as raster
+
+    calls: list[int] = []
+    original = raster.classifier_free_guidance
+    monkeypatch.setattr(raster, "classifier_free_guidance", lambda c, u, s: calls.append(1) or original(c, u, s))
+    model, labels = shared(), torch.arange(2)
+    tokens = torch.zeros(2, 4, 4, dtype=torch.long)
+    nothing_known = torch.zeros(2, 4, 4, dtype=torch.bool)
+    for cfg_interval, expected in ((-1, 16), (0, 2), (5, 7), (14, 16), (99, 16)):
+        for run in (lambda: model.sample(labels, cfg=3.0, cfg_interval=cfg_interval, top_k=5),
+                    lambda: model.edit(labels, tokens, nothing_known, cfg=3.0, cfg_interval=cfg_interval)):
+            calls.clear()
+            run()
+            assert len(calls) == expected, cfg_interval
+
+
+def test_top_p_keeps_llamagen_boundary_token() -> None:
+    """LlamaGen keeps a token while the mass before it is ≤ p: four equal logits at p = 0.5 keep three (the third
+    has exactly 0.5 before it); the smallest-prefix rule of `top_p_filter` keeps two. The raster sampler draws
+    with LlamaGen's rule."""
+    logits = torch.zeros(1, 4)
+    assert int(top_p_filter_llamagen(logits, 0.5).isfinite().sum()) == 3
+    assert int(top_p_filter(logits, 0.5).isfinite().sum()) == 2
+    assert torch.equal(top_p_filter_llamagen(logits, 1.0), logits)
+    spread = torch.randn(64, 100, generator=torch.Generator().manual_seed(0)) * 3
+    for p in (0.1, 0.5, 0.9):  # elsewhere the two rules agree
+        assert torch.equal(top_p_filter_llamagen(spread, p).isfinite(), top_p_filter(spread, p).isfinite())
+    model = make(VQ, seed=3)
+    with torch.no_grad():
+        torch.nn.init.zeros_(model.output.weight)  # every logit equal: p = 0.5 keeps 17 of the 32 codes (16 before)
+    drawn = model.sample(torch.zeros(400, dtype=torch.long), top_p=0.5, generator=torch.Generator().manual_seed(1))
+    assert drawn.unique().numel() == 17
 
 
 def test_incompatible_tokenizers() -> None:

@@ -45,7 +45,9 @@ def get_extractor(cfg: DictConfig, dm, cache: ArtifactCache, key: str) -> tuple[
         net, accuracy = train_classifier(dm.train_set, dm.test_set, in_channels=dm.channels,
                                          num_classes=dm.num_classes, width=c.width, epochs=c.epochs,
                                          batch_size=c.batch_size, lr=c.lr, seed=cfg.seed,
-                                         progress=cfg.trainer.enable_progress_bar)
+                                         # an imported run (arvision-import) has no trainer settings
+                                         progress=bool(OmegaConf.select(cfg, "trainer.enable_progress_bar",
+                                                                        default=True)))
         torch.save({"state_dict": net.state_dict(), "width": c.width, "in_channels": dm.channels,
                     "num_classes": dm.num_classes}, tmp / "classifier.pt")
         return {"kind": "classifier", "test_accuracy": accuracy, "train_seconds": time.perf_counter() - start,

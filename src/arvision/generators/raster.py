@@ -9,8 +9,8 @@ Residual (depth) tokens (B, h, w, D) are modelled one of two ways (`depth_mode`)
   [h_t, e(k_t1), e(k_t1) + e(k_t2), …] (cumulative code embeddings + a learned depth position) that predicts
   k_t1 … k_tD in turn. h·w spatial passes plus h·w·D (cheap) depth passes.
 Module names follow LlamaGen (`tok_embeddings`, `cls_embedding.embedding_table`, `layers.{i}.attention.wqkv`,
-…, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i weights should load by key (strict=False for
-their `freqs_cis`; not yet tried on a released checkpoint).
+…, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i weights load by key, strictly (their `freqs_cis`
+is not in the state dict): `arvision-import official=llamagen_c2i_…`, parity in experiments/parity/llamagen.py.
 
 Sampling decodes slot by slot against per-layer KV caches, in one of three ways that compute the same function
 (`sample(decode=…)`): `eager` appends to growing caches (`decode`); `static` runs `static_step`, whose shapes never
@@ -31,7 +31,7 @@ from torch import nn
 
 from arvision.generators.base import Generator, SamplingCost, require
 from arvision.generators.editing import batch_mask, known_on_grid
-from arvision.generators.sampling import classifier_free_guidance, sample_from_logits
+from arvision.generators.sampling import classifier_free_guidance, sample_from_logits, top_p_filter_llamagen
 from arvision.nn import KVCache, LabelEmbedding, RMSNorm, TransformerBlock, grid_positions, rope_2d, with_zero_prefix
 from arvision.nn.attention import StaticKVCache, position_mask
 from arvision.nn.graphs import compiled_step, held_static_caches
@@ -47,6 +47,13 @@ def level_code_ids(codes: torch.Tensor, level: torch.Tensor | int, vocab_size: i
     """Embedding rows of `codes` drawn at `level`: with one codebook per RVQ depth, code k of depth d is row
     d·vocab + k (depths are different codes); with a shared codebook the ids are the rows."""
     return codes + level * vocab_size if per_level else codes
+
+
+def guided_token(t: int, cfg_interval: int) -> bool:
+    """Whether token t (0-based, in sampling order) gets CFG under LlamaGen's `cfg_interval`: every token when it
+    is negative, else tokens 0 … cfg_interval + 1. LlamaGen's `generate` guides token 0 in its prefill, then
+    decode step i (which draws token i + 1) while i ≤ cfg_interval, so cfg_interval = k guides k + 2 tokens."""
+    return cfg_interval < 0 or t <= cfg_interval + 1
 
 
 class DepthHead(nn.Module):
@@ -252,11 +259,12 @@ class RasterGenerator(Generator):
         """Sample tokens (B, h, w) or (B, h, w, D) for `labels` (B,).
 
         cfg ≠ 1 runs the conditional rows and null-class rows as one batch of 2B (guided logits
-        uncond + cfg·(cond − uncond)); cfg = 1 runs only the B conditional rows. cfg_interval ≥ 0 guides only the
-        first `cfg_interval` tokens and then uses the conditional logits (the 2B rows keep running, as in
-        LlamaGen); negative guides every token. `decode` = eager | static | compiled runs the spatial transformer's
-        slots as the module docstring says (the depth head, if any, always runs eagerly); all three give the same
-        tokens up to floating-point rounding.
+        uncond + cfg·(cond − uncond)); cfg = 1 runs only the B conditional rows. cfg_interval = k ≥ 0 guides
+        tokens 0 … k + 1, exactly those LlamaGen's `generate` guides (`guided_token`), and then uses the
+        conditional logits (the 2B rows keep running, as in LlamaGen); negative guides every token. `decode` =
+        eager | static | compiled runs the spatial transformer's slots as the module docstring says (the depth
+        head, if any, always runs eagerly); all three give the same tokens up to floating-point rounding. Top-p
+        keeps LlamaGen's nucleus exactly (`top_p_filter_llamagen`).
         """
         was_training = self.training
         self.eval()
@@ -272,10 +280,10 @@ class RasterGenerator(Generator):
             def draw(logits: torch.Tensor, t: int) -> torch.Tensor:
                 if guided:
                     cond_logits, uncond_logits = logits.chunk(2)
-                    use_cfg = cfg_interval < 0 or t < cfg_interval
-                    logits = classifier_free_guidance(cond_logits, uncond_logits, cfg) if use_cfg else cond_logits
+                    logits = (classifier_free_guidance(cond_logits, uncond_logits, cfg)
+                              if guided_token(t, cfg_interval) else cond_logits)
                 return sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          generator=generator)
+                                          generator=generator, nucleus=top_p_filter_llamagen)
 
             def both(token: torch.Tensor) -> torch.Tensor:  # the same token for the conditional and null rows
                 return torch.cat([token, token]) if guided else token
@@ -342,10 +350,10 @@ class RasterGenerator(Generator):
             def draw(logits: torch.Tensor, t: int) -> torch.Tensor:
                 if guided:
                     cond_logits, uncond_logits = logits.chunk(2)
-                    use_cfg = cfg_interval < 0 or t < cfg_interval
-                    logits = classifier_free_guidance(cond_logits, uncond_logits, cfg) if use_cfg else cond_logits
+                    logits = (classifier_free_guidance(cond_logits, uncond_logits, cfg)
+                              if guided_token(t, cfg_interval) else cond_logits)
                 return sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          generator=generator)
+                                          generator=generator, nucleus=top_p_filter_llamagen)
 
             def both(tokens: torch.Tensor) -> torch.Tensor:  # the same tokens for the conditional and null rows
                 return torch.cat([tokens, tokens]) if guided else tokens

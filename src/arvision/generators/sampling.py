@@ -8,6 +8,8 @@ The second is the first with weight 1 + t: `classifier_free_guidance(cond, uncon
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -41,13 +43,29 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_p_filter_llamagen(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """LlamaGen's nucleus (generate.py's `top_k_top_p_filtering`, the Hugging Face rule): a token stays while the
+    running sum of the more likely tokens' probabilities is ≤ p. It parts from `top_p_filter` only where that sum
+    equals p in float32 (p = 0.9 is 0.89999998 there; 1 of 512 rows of GPT-B logits in experiments/parity/
+    llamagen.py): this keeps the token, `top_p_filter` drops it. p = 1 is off."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+    drop_sorted[..., 1:] = cumulative[..., :-1] > p  # the sum before each token, as LlamaGen shifts it
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None,
+                       nucleus: Callable[[torch.Tensor, float], torch.Tensor] = top_p_filter) -> torch.Tensor:
     """Draw one token per row of logits (..., V) → LongTensor (...). Temperature, then top-k, then top-p
-    (LlamaGen's order); temperature 0 is argmax."""
+    (LlamaGen's order) with the `nucleus` filter; temperature 0 is argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    logits = nucleus(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
     probs = logits.softmax(dim=-1)
     # torch.multinomial(probs, 1)'s own algorithm, argmax(p / q) with q ~ Exp(1) (the same draws from the same
     # generator, so the same tokens), without its two input checks that each read a device tensor on the host
