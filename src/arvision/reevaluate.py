@@ -17,8 +17,15 @@ uint8 (N, H, W, C) — the ADM evaluator's layout, written by arvision-sample �
 (ADM) or `labels` (arvision-sample), which the class accuracy needs. Its reference images come from the run's
 dataset (`run=`) or from `data=<group>`.
 
+With `reference=<ADM reference batch .npz>` (e.g. VIRTUAL_imagenet256_labeled.npz) the numbers are the ADM
+evaluator's, as papers report them (`arvision.metrics.adm`): FID, sFID, IS, precision and recall on torch-fidelity's
+Inception against the file's statistics and images, for every image of the .npz (as the evaluator reads it) or
+`metrics.num_samples` images sampled from the run; no dataset is needed, `metrics.extractor` does not apply, and
+kid / accuracy are not part of that protocol.
+
 Each evaluation is appended to `evaluations` in the run's results.json (or in results.json next to the .npz)
-with its provenance: date, git sha, versions, device, extractor, sample and reference counts, and settings.
+with its provenance: date, git sha, versions, device, extractor, sample and reference counts, and settings (with
+`reference=`: the reference file and its sha256 too).
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from arvision import pipeline
-from arvision.evaluation import balanced_labels, get_extractor, reference_metrics, sample_images, test_loss
+from arvision.evaluation import (balanced_labels, get_extractor, reference_metrics, sample_images, test_loss,
+                                 to_uint8)
 from arvision.generators.base import Generator
-from arvision.metrics import INCEPTION_WEIGHTS_FILE, MissingWeights, frechet_distance, peak_memory
+from arvision.metrics import INCEPTION_WEIGHTS_FILE, MissingWeights, adm, frechet_distance, peak_memory
 from arvision.results import (Evaluation, Metric, RunRecord, append_evaluation, git_sha, metric, now, unavailable,
                               value, versions)
 from arvision.utils.artifacts import ArtifactCache
@@ -45,6 +53,7 @@ GENERATION = ("fid", "is", "kid", "precision", "recall", "accuracy")
 ALL_METRICS = (*GENERATION, "sfid", "sampling", "test_loss")
 SFID_LAYER = "Mixed_6d.branch1x1"  # TF inception-2015-12-05 `mixed_6/conv`
 SFID_CHANNELS = 7
+ADM_METRICS = ("fid", "sfid", "is", "precision", "recall")  # what the ADM evaluator reports (reference=)
 GENERATION_KEYS = {"fid": "fid", "is": "is_mean", "kid": "kid_mean", "precision": "precision", "recall": "recall",
                    "accuracy": "accuracy"}  # metric name → GenerationMetrics.compute() key
 
@@ -94,16 +103,24 @@ def load_npz(path: str | Path, num_samples: int | None) -> tuple[torch.Tensor, t
     return x, y
 
 
-def selection(cfg: DictConfig, *, has_model: bool, has_npz: bool) -> list[str]:
+def selection(cfg: DictConfig, *, has_model: bool, has_npz: bool, adm_protocol: bool = False) -> list[str]:
     """The metric names to compute: `select=null` is everything that applies to the input (sampling cost needs
-    a model to sample from, test loss a model)."""
+    a model to sample from, test loss a model; with an ADM reference, the evaluator's five and the sampling cost)."""
+    sampling = has_model and not has_npz
     if cfg.select is None:
+        if adm_protocol:
+            return [*ADM_METRICS, *(["sampling"] if sampling else [])]
         return [m for m in ALL_METRICS if not (m == "test_loss" and not has_model)
-                and not (m == "sampling" and (has_npz or not has_model))]
+                and not (m == "sampling" and not sampling)]
     chosen = [cfg.select] if isinstance(cfg.select, str) else list(cfg.select)
     unknown = sorted(set(chosen) - set(ALL_METRICS))
     if unknown:
         raise EvalError(f"select: unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
+    allowed = (*ADM_METRICS, "sampling", "test_loss")
+    outside = [m for m in chosen if m not in allowed]
+    if adm_protocol and outside:
+        raise EvalError(f"select: {', '.join(outside)} not part of the ADM protocol (reference={cfg.reference}); "
+                        f"choose from {', '.join(allowed)}")
     return chosen
 
 
@@ -192,6 +209,56 @@ def feature_metrics(chosen: list[str], images: torch.Tensor, labels: torch.Tenso
     return out, info
 
 
+# --------------------------------------------------------------------------------------------- ADM protocol
+def adm_metrics(chosen: list[str], samples: adm.NpzImages | torch.Tensor, reference: adm.AdmReference,
+                model: adm.AdmInception, *, batch_size: int,
+                device: torch.device) -> tuple[dict[str, Metric], dict[str, Any]]:
+    """The chosen ADM-evaluator metrics of `samples` (an .npz's images, or generated images in [-1, 1]) against
+    `reference`; and the extractor's description. Every number names the extractor, the sample count and the
+    reference file with its sha256."""
+    if isinstance(samples, adm.NpzImages):
+        n, batches = len(samples), samples.batches(batch_size)
+    else:
+        n, batches = len(samples), (to_uint8(chunk) for chunk in samples.split(batch_size))
+    fake = adm.featurize(model, track(batches, "ADM sample features", total=n))
+    # The reference's images are featurised only when a number needs them: precision/recall always, FID and sFID
+    # when the file holds no precomputed statistics (the evaluator then takes them from these images).
+    needs_images = ("precision" in chosen or "recall" in chosen
+                    or (reference.pool is None and ("fid" in chosen or "sfid" in chosen)))
+    real = None
+    if needs_images and reference.images is not None:
+        real = adm.featurize(model, track(reference.images.batches(batch_size), "ADM reference features",
+                                          total=len(reference.images)))
+    source = {"extractor": adm.ADM_EXTRACTOR, "num_samples": n, "reference": str(reference.path),
+              "reference_sha256": reference.sha256}
+    out: dict[str, Metric] = {}
+    for name, features, stats, keys in (("fid", fake.pool, reference.pool, "mu/sigma"),
+                                        ("sfid", fake.spatial, reference.spatial, "mu_s/sigma_s")):
+        if name not in chosen:
+            continue
+        if stats is None and reference.pool is None and real is not None:
+            stats, keys = adm.statistics(real.pool if name == "fid" else real.spatial), f"arr_0 ({len(real)} images)"
+        if stats is None:
+            out[name] = unavailable(f"the reference file has no {keys}: {reference.path}")
+            continue
+        out[name] = metric(adm.frechet_distance(adm.statistics(features), stats), **source,
+                           features="pool_3" if name == "fid" else "mixed_6/conv[:7]", reference_statistics=keys)
+    if "is" in chosen:
+        out["is"] = metric(adm.inception_score(fake.logits), **source, split_size=adm.IS_SPLIT_SIZE,
+                           num_splits=-(-n // adm.IS_SPLIT_SIZE))
+    if "precision" in chosen or "recall" in chosen:
+        if real is None:
+            reason = f"the reference file has no images (arr_0) to compare with: {reference.path}"
+            pr: dict[str, Metric] = {"precision": unavailable(reason), "recall": unavailable(reason)}
+        else:
+            precision, recall = adm.precision_recall(torch.from_numpy(real.pool).to(device),
+                                                     torch.from_numpy(fake.pool).to(device))
+            pr = {key: metric(v, **source, num_reference=len(real), k=adm.PR_K)
+                  for key, v in (("precision", precision), ("recall", recall))}
+        out.update({key: v for key, v in pr.items() if key in chosen})
+    return out, model.weights_info()
+
+
 # --------------------------------------------------------------------------------------------- arvision-eval
 def reevaluate(cfg: DictConfig) -> dict[str, Any]:
     """One evaluation entry, appended to the results.json it belongs to (see the module docstring); the returned
@@ -201,7 +268,17 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     overrides = pipeline.sample_overrides(cfg)
-    chosen = selection(cfg, has_model=cfg.run is not None, has_npz=cfg.npz is not None)
+    adm_protocol = cfg.get("reference") is not None
+    chosen = selection(cfg, has_model=cfg.run is not None, has_npz=cfg.npz is not None, adm_protocol=adm_protocol)
+    reference: adm.AdmReference | None = None
+    model: adm.AdmInception | None = None
+    if adm_protocol and any(name in chosen for name in ADM_METRICS):
+        # Checked before any sampling: a wrong reference file or missing weights fail in seconds, not after hours.
+        try:
+            reference = adm.read_reference(cfg.reference)
+        except adm.AdmError as err:
+            raise EvalError(str(err)) from None
+        model = adm.AdmInception(cfg.metrics.inception_weights, device)
     generator: Generator | None = None
     sampling: dict[str, Any] | None = None
     if cfg.run is not None:
@@ -217,12 +294,14 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
         if overrides:
             raise EvalError(f"sample.{next(iter(overrides))}: an .npz holds samples already drawn; sampling "
                             "overrides need run=<run dir>")
-        run_cfg = data_config(cfg)
+        run_cfg = None if adm_protocol else data_config(cfg)  # the ADM reference replaces the dataset
         target = Path(cfg.npz).parent
-        new = RunRecord(run_dir=str(target), data=run_cfg.data.get("name"), tokenizer=None, generator=None,
-                        samples_npz=str(cfg.npz), metrics={})
+        new = RunRecord(run_dir=str(target), data=None if run_cfg is None else run_cfg.data.get("name"),
+                        tokenizer=None, generator=None, samples_npz=str(cfg.npz), metrics={})
     m = cfg.metrics
-    dm = pipeline.build_datamodule(run_cfg)
+    # With an ADM reference only the test loss reads the dataset.
+    needs_data = run_cfg is not None and (not adm_protocol or ("test_loss" in chosen and generator is not None))
+    dm = pipeline.build_datamodule(run_cfg) if needs_data else None
     metrics: dict[str, Any] = {}
     info: dict[str, Any] = {}
     images = None
@@ -235,18 +314,31 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
         n_ref = min(m.num_reference, len(dm.test_set))
         metrics["test_loss"] = metric(test_loss(generator, dm, num_images=n_ref, batch_size=m.batch_size,
                                                 seed=m.seed, device=device), num_samples=n_ref, split="test")
+    num_evaluated = None
     if any(name in chosen for name in (*GENERATION, "sfid", "sampling")):
         if cfg.npz is not None:
-            images, labels = load_npz(cfg.npz, m.num_samples)
+            if not adm_protocol:  # the ADM path streams the .npz instead of loading it
+                images, labels = load_npz(cfg.npz, m.num_samples)
             if "sampling" in chosen:
                 metrics["sample_img_per_s"] = unavailable("samples read from an .npz are not timed")
         else:
-            labels = balanced_labels(m.num_samples, dm.num_classes)
+            labels = balanced_labels(m.num_samples, generator.num_classes if dm is None else dm.num_classes)
             images, cost = sampling_metrics(generator, labels, sampling, batch_size=m.batch_size, seed=m.seed,
                                             device=device)
             if "sampling" in chosen:
                 metrics.update(cost)
-        if any(name in chosen for name in (*GENERATION, "sfid")):
+        if reference is not None and model is not None:
+            try:
+                samples = adm.NpzImages(cfg.npz) if cfg.npz is not None else images
+                measured, info = adm_metrics(chosen, samples, reference, model, batch_size=m.batch_size,
+                                             device=device)
+            except adm.AdmError as err:
+                raise EvalError(str(err)) from None
+            finally:
+                model.close()
+            metrics.update(measured)
+            num_evaluated = len(samples)
+        elif any(name in chosen for name in (*GENERATION, "sfid")):
             measured, info = feature_metrics(chosen, images, labels, run_cfg, dm, artifact_dir=cfg.paths.artifact_dir,
                                              device=device)
             metrics.update(measured)
@@ -259,7 +351,14 @@ def reevaluate(cfg: DictConfig) -> dict[str, Any]:
         settings={"select": chosen, "num_samples": m.num_samples, "num_reference": m.num_reference,
                   "seed": m.seed, "metrics": OmegaConf.to_container(m, resolve=True), "sample": sampling},
         seconds=time.perf_counter() - started)
-    if cfg.npz is not None and images is not None and len(images) < (m.num_samples or 0):
+    if reference is not None:
+        entry["reference"] = reference.describe()
+        entry["settings"]["num_samples"] = num_evaluated
+        entry["settings"]["num_reference"] = len(reference.images) if reference.images is not None else None
+        if num_evaluated != 50000:
+            entry["settings"]["note"] = (f"{num_evaluated} samples: FID depends on the sample count; papers use "
+                                         "50,000")
+    elif cfg.npz is not None and images is not None and len(images) < (m.num_samples or 0):
         entry["settings"]["note"] = f"the .npz holds {len(images)} samples, fewer than metrics.num_samples"
     path = append_evaluation(target, entry, new=new)
     return {**entry, "results_file": str(path)}
@@ -280,5 +379,5 @@ def summary_row(entry: dict[str, Any]) -> dict[str, object]:
     return row
 
 
-__all__ = ["ALL_METRICS", "EvalError", "SFID_CHANNELS", "SFID_LAYER", "SpatialFeatures", "inception_hint",
-           "load_npz", "reevaluate", "selection", "summary_row"]
+__all__ = ["ADM_METRICS", "ALL_METRICS", "EvalError", "SFID_CHANNELS", "SFID_LAYER", "SpatialFeatures", "adm_metrics",
+           "inception_hint", "load_npz", "reevaluate", "selection", "summary_row"]

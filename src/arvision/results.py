@@ -86,6 +86,7 @@ class Evaluation(TypedDict, total=False):
     feature_extractor: dict[str, Any]
     metrics: dict[str, Metric | SamplingCostEntry | float | None]
     settings: dict[str, Any]        # select, num_samples, num_reference, seed, metrics, sample (and a note)
+    reference: dict[str, Any]       # the ADM reference batch (reference=): path, sha256, statistics, num_images …
     seconds: float
 
 
