@@ -290,6 +290,9 @@ def test_greedy_off_grid_sampling(monkeypatch) -> None:
     draws.clear()
     model.sample(torch.arange(2), cfg=2.0, top_k=5, schedule=(1, 2, 3, 4), greedy_off_grid=False)
     assert [top_k for _, top_k, _ in draws] == [5, 5, 5, 5]
+    with pytest.raises(ValueError, match="editing keeps tokens of the 4×4 grid: its schedule must end at side 4"):
+        model.edit(torch.arange(2), vq().encode(torch.zeros(2, 1, 16, 16)), torch.zeros(4, 4, dtype=torch.bool),
+                   schedule=(1, 2, 3, 4, 6, 8))
 
 
 @pytest.mark.parametrize("cfg_schedule", ["linear", "constant"])
