@@ -1,6 +1,6 @@
 """Parity of arvision-import's FlexVAR models with the official code (jiaosiyu1999/FlexVAR).
 
-    python experiments/parity/flexvar.py --repo <FlexVAR checkout>              # tiny + FlexVAR-d16 → results.csv
+    python experiments/parity/flexvar.py --repo <FlexVAR checkout>              # tiny + FlexVAR-d16 → parity.csv
     python experiments/parity/flexvar.py --repo <FlexVAR checkout> --fixture    # also tests/fixtures/parity/flexvar.pt
     python experiments/parity/flexvar.py --repo <checkout> --published flexvar_d16,flexvar_d24
     python experiments/parity/flexvar.py --repo <archive of 04462cb> --commit 04462cb   # a checkout without .git
@@ -61,7 +61,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: I001
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
+from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: E402
 
 import arvision.generators.next_scale as next_scale
 from arvision import pipeline

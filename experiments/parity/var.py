@@ -1,6 +1,6 @@
 """Parity of arvision-import's VAR models with the official code (FoundationVision/VAR).
 
-    python experiments/parity/var.py --repo <VAR checkout>             # tiny + published → results.csv
+    python experiments/parity/var.py --repo <VAR checkout>             # tiny + published → parity.csv
     python experiments/parity/var.py --repo <VAR checkout> --fixture   # also tests/fixtures/parity/var.pt
     python experiments/parity/var.py --repo <VAR checkout> --tiny-only
     python experiments/parity/var.py --repo <archive of 78b9539> --commit 78b9539   # a checkout without .git
@@ -51,7 +51,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: I001
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
+from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: E402
 
 from arvision import pipeline
 from arvision.cli.common import config_dir
