@@ -124,17 +124,18 @@ class StaticKVCache:
 class Attention(nn.Module):
     """Fused-QKV attention (LlamaGen/Llama layout: `wqkv`, `wo`, no biases); `kv_heads < heads` is GQA.
     `attn_dropout` drops attention probabilities in training (FlowAR/MAR's `attn_drop`); FlexAttention has no such
-    dropout, so a training pass with it needs a dense mask."""
+    dropout, so a training pass with it needs a dense mask. `bias=True` gives `wqkv` and `wo` biases (GPT-2's
+    attention, as the RQ-Transformer's)."""
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, resid_dropout: float = 0.0,
-                 attn_dropout: float = 0.0) -> None:
+                 attn_dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
         kv_heads = kv_heads or heads
         if dim % heads or heads % kv_heads:
             raise ValueError(f"need heads | dim and kv_heads | heads, got dim={dim} heads={heads} kv_heads={kv_heads}")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.wqkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wqkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=bias)
+        self.wo = nn.Linear(dim, dim, bias=bias)
         self.resid_dropout = nn.Dropout(resid_dropout)
         self.attn_dropout = attn_dropout
 

@@ -1,5 +1,5 @@
-"""Llama-style building blocks: SwiGLU feed-forward, drop-path, pre-norm transformer block, class embedding, and
-DiT's timestep embedder (shared by the flow and diffusion generators)."""
+"""Llama-style building blocks: SwiGLU feed-forward, drop-path, pre-norm transformer block (or its GPT-2 form),
+class embedding, and DiT's timestep embedder (shared by the flow and diffusion generators)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,22 @@ class FeedForward(nn.Module):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's feed-forward: fc2(gelu(fc1 x)), with biases and the exact (erf) GELU, as the RQ-Transformer's `mlp`."""
+
+    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+BLOCK_STYLES = ("llama", "gpt2")
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones by 1 / (1 - p)."""
 
@@ -49,16 +65,24 @@ class DropPath(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)). Submodule names follow LlamaGen's checkpoints."""
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)). Submodule names follow LlamaGen's checkpoints.
+
+    `style="llama"`: RMSNorm, bias-free attention, SwiGLU. `style="gpt2"`: LayerNorm, attention with biases and a
+    4×-wide GELU MLP with biases (the RQ-Transformer's blocks)."""
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, ffn_hidden: int | None = None,
                  resid_dropout: float = 0.0, ffn_dropout: float = 0.0, drop_path: float = 0.0,
-                 norm_eps: float = 1e-5) -> None:
+                 norm_eps: float = 1e-5, style: str = "llama") -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(dim, eps=norm_eps)
-        self.attention = Attention(dim, heads, kv_heads=kv_heads, resid_dropout=resid_dropout)
-        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
-        self.feed_forward = FeedForward(dim, ffn_hidden or swiglu_hidden(dim), dropout=ffn_dropout)
+        if style not in BLOCK_STYLES:
+            raise ValueError(f"block style must be one of {BLOCK_STYLES}, got {style!r}")
+        gpt2 = style == "gpt2"
+        norm = (lambda: nn.LayerNorm(dim, eps=norm_eps)) if gpt2 else (lambda: RMSNorm(dim, eps=norm_eps))
+        self.attention_norm = norm()
+        self.attention = Attention(dim, heads, kv_heads=kv_heads, resid_dropout=resid_dropout, bias=gpt2)
+        self.ffn_norm = norm()
+        self.feed_forward = (GeluMLP(dim, ffn_hidden or 4 * dim, dropout=ffn_dropout) if gpt2 else
+                             FeedForward(dim, ffn_hidden or swiglu_hidden(dim), dropout=ffn_dropout))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, *, rope: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -71,13 +95,16 @@ class TransformerBlock(nn.Module):
 class LabelEmbedding(nn.Module):
     """Class embedding with a null class (row `num_classes`) for classifier-free guidance.
 
-    In training mode each label is replaced by the null class with probability `dropout`.
+    In training mode each label is replaced by the null class with probability `dropout`. `null_class=False`
+    keeps only the `num_classes` rows (a model trained without CFG, as the RQ-Transformer); dropout is then 0.
     """
 
-    def __init__(self, num_classes: int, dim: int, *, dropout: float = 0.1) -> None:
+    def __init__(self, num_classes: int, dim: int, *, dropout: float = 0.1, null_class: bool = True) -> None:
         super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        if not null_class and dropout:
+            raise ValueError(f"class dropout {dropout} needs a null class to drop labels to (null_class=true)")
+        self.num_classes, self.dropout, self.null_class = num_classes, dropout, null_class
+        self.embedding_table = nn.Embedding(num_classes + int(null_class), dim)
 
     def drop(self, labels: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropout == 0.0:
