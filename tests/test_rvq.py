@@ -21,10 +21,13 @@ def tiny_tokenizer(**kw) -> RVQTokenizer:
 
 
 def quantizer_with(codebook: torch.Tensor, depth: int, **kw) -> ResidualQuantizer:
+    """A quantiser whose codebooks are `codebook`, in the state RQ-VAE starts from (EMA counts 0, sums = codes)."""
     q = ResidualQuantizer(vocab_size=codebook.shape[0], dim=codebook.shape[1], depth=depth, **kw)
     with torch.no_grad():
         for d in range(q.num_codebooks):
             q.book(d).weight.copy_(codebook)
+            if q.ema:
+                q.ema_embed_sum[d].copy_(codebook)
     return q.eval()
 
 
@@ -170,26 +173,119 @@ def test_ema_with_no_memory_sets_each_used_code_to_its_residual_mean():
         assert torch.allclose(q.embedding.weight[k], z[indices == k].mean(0), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_ema_moves_used_codes_towards_their_assigned_residuals(shared):
+def rq_vae_step(weight, size, embed, vectors, decay, eps=1e-5, restart=True):
+    """RQ-VAE's VQEmbedding training update written out (one-hot counts and sums, the restart rule, Laplace
+    smoothing); the restart candidates are drawn by the caller's RNG state as the official code draws them."""
+    k = weight.shape[0]
+    idx = torch.cdist(vectors, weight).argmin(1)
+    one_hot = F.one_hot(idx, k).float().t()
+    size = decay * size + (1 - decay) * one_hot.sum(1)
+    embed = decay * embed + (1 - decay) * one_hot @ vectors
+    if restart:
+        n = vectors.shape[0]
+        pool = vectors
+        if n < k:
+            pool = vectors.repeat((k + n - 1) // n, 1)
+            pool = pool + torch.rand_like(pool) * (torch.full((vectors.shape[1],), 0.01) / math.sqrt(vectors.shape[1]))
+        candidates = pool[torch.randperm(pool.shape[0])][:k]
+        used = size >= 1
+        embed = torch.where(used[:, None], embed, candidates)
+        size = torch.where(used, size, torch.ones_like(size))
+    n = size.sum()
+    return embed / (n * (size + eps) / (n + k * eps))[:, None], size, embed, idx
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_ema_step_is_rq_vae_update(restart):
     torch.manual_seed(0)
-    codebook = torch.randn(16, 3)
-    q = quantizer_with(codebook, depth=2, ema=True, ema_decay=0.9, shared_codebook=shared).train()
-    z = torch.randn(300, 3) * 2
+    codebook, z = torch.randn(16, 3), torch.randn(40, 3) * 2
+    q = quantizer_with(codebook, depth=1, ema=True, ema_decay=0.9, restart_unused=restart).train()
+    size, embed = torch.rand(16) * 3, torch.randn(16, 3)
+    with torch.no_grad():
+        q.ema_cluster_size[0].copy_(size)
+        q.ema_embed_sum[0].copy_(embed)
+    torch.manual_seed(1)
     _, indices, _ = q(as_map(z))
-    indices = indices.reshape(-1, 2)
-    residuals = [z, z - codebook[indices[:, 0]]]
-    for c in range(q.num_codebooks):
-        depths = [0, 1] if shared else [c]
-        vectors = torch.cat([residuals[d] for d in depths])
-        assigned = torch.cat([indices[:, d] for d in depths])
-        for k in assigned.unique():
-            mean = vectors[assigned == k].mean(0)
-            assert (q.book(c).weight[k] - mean).norm() < (codebook[k] - mean).norm()
-        unused = torch.ones(16, dtype=torch.bool)
-        unused[assigned.unique()] = False
-        # An unused code keeps its place: its sum and count decay together.
-        assert torch.allclose(q.book(c).weight[unused], codebook[unused], atol=1e-4)
+    torch.manual_seed(1)
+    weight, size, embed, idx = rq_vae_step(codebook, size, embed, z, decay=0.9, restart=restart)
+    assert torch.equal(indices.flatten(), idx)
+    torch.testing.assert_close(q.ema_cluster_size[0], size)
+    torch.testing.assert_close(q.ema_embed_sum[0], embed)
+    torch.testing.assert_close(q.embedding.weight, weight)
+
+
+def test_first_step_reseeds_every_code_used_fewer_than_100_times():
+    """RQ-VAE's start: counts at 0 make a code's EMA count (1 − decay)·hits, below 1 unless it was hit 100 times."""
+    torch.manual_seed(0)
+    codebook = torch.stack([torch.zeros(2), *[torch.full((2,), 10.0 + k) for k in range(7)]])
+    z = torch.cat([torch.randn(150, 2) * 0.1, torch.full((30, 2), 10.0) + torch.randn(30, 2) * 0.1])
+    q = quantizer_with(codebook, depth=1, ema=True, ema_decay=0.99, restart_unused=True).train()
+    _, indices, _ = q(as_map(z))
+    hits = torch.bincount(indices.flatten(), minlength=8)
+    assert hits[0] == 150 and hits[1] == 30  # code 1 is used, but fewer than 100 times
+    size = q.ema_cluster_size[0]
+    torch.testing.assert_close(size[0], torch.tensor(1.5))
+    assert torch.equal(size[1:], torch.ones(7))  # every other code was re-seeded with count 1
+    assert (distance_to_nearest(q.embedding.weight[1:], z) < 0.1).all()
+    # code 0 keeps (0.99·e + 0.01·Σ) / count with its EMA count 1.5 (Laplace smoothing aside)
+    expected = (0.99 * codebook[0] + 0.01 * z[:150].sum(0)) / 1.5
+    torch.testing.assert_close(q.embedding.weight[0], expected, atol=1e-4, rtol=1e-3)
+
+
+def test_shared_codebook_is_updated_after_each_depth():
+    """Depth 2 is looked up in the codebook depth 1 has just updated (RQ-VAE's shared VQEmbedding), while each
+    depth's own codes are those from before its update."""
+    torch.manual_seed(0)
+    codebook, z = torch.randn(12, 3), torch.randn(64, 3)
+    q = quantizer_with(codebook, depth=2, ema=True, ema_decay=0.5, restart_unused=True).train()
+    torch.manual_seed(1)
+    z_q, indices, _ = q(as_map(z))
+    indices = indices.reshape(64, 2)
+    torch.manual_seed(1)
+    after_first, size, embed, idx0 = rq_vae_step(codebook, torch.zeros(12), codebook.clone(), z, decay=0.5)
+    residual = z - codebook[idx0]
+    assert torch.equal(indices[:, 0], idx0)
+    assert torch.equal(indices[:, 1], torch.cdist(residual, after_first).argmin(1))
+    after_second, *_ = rq_vae_step(after_first, size, embed, residual, decay=0.5)
+    torch.testing.assert_close(q.embedding.weight, after_second)
+    # the quantised value sums the codes each depth saw: before depth 1's update, and after it
+    torch.testing.assert_close(z_q.squeeze(-1).squeeze(0).t(), codebook[idx0] + after_first[indices[:, 1]])
+
+
+# --- RQ-VAE's soft codes (the RQ-Transformer's targets) -----------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_soft_codes_are_softmax_of_negative_distances_along_the_drawn_residuals(shared):
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(shared_codebook=shared, ema=True).eval()
+    latents = torch.randn(2, 4, 2, 3)
+    soft, codes = tok.soft_codes(latents, temperature=0.5, generator=torch.Generator().manual_seed(3))
+    assert soft.shape == (2, 2, 3, 3, 32) and codes.shape == (2, 2, 3, 3)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(2, 2, 3, 3))
+    # RQ-VAE's formula, with exact (not matmul-expanded) distances, along the residuals of the drawn codes
+    residual = latents.permute(0, 2, 3, 1)
+    draws = torch.Generator().manual_seed(3)
+    for d in range(3):
+        book = tok.quantize.book(d).weight
+        expected = torch.softmax(-((residual[..., None, :] - book) ** 2).sum(-1) / 0.5, dim=-1)
+        torch.testing.assert_close(soft[..., d, :], expected, atol=1e-5, rtol=1e-4)
+        drawn = torch.multinomial(soft[..., d, :].reshape(-1, 32), 1, generator=draws).reshape(2, 2, 3)
+        assert torch.equal(codes[..., d], drawn)
+        residual = residual - book[codes[..., d]]
+    # without stochastic codes, the codes are the tokenizer's own (argmin) codes
+    _, argmin_codes = tok.soft_codes(latents, temperature=0.5, stochastic=False)
+    assert torch.equal(argmin_codes, tok.quantize(latents)[1])
+    with pytest.raises(ValueError, match="temperature"):
+        tok.soft_codes(latents, temperature=0.0)
+
+
+def test_low_temperature_soft_codes_are_one_hot_codes():
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(ema=True).eval()
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    soft, codes = tok.soft_codes(tok.latents(images), temperature=1e-6)
+    assert torch.equal(codes, tok.encode(images))
+    assert torch.equal(soft.argmax(-1), codes) and (soft.max(-1).values > 0.999).all()
 
 
 def test_eval_mode_and_encode_never_change_the_codebook():
@@ -208,12 +304,14 @@ def test_restart_reseeds_only_dead_codes_and_only_in_training(ema):
     torch.manual_seed(0)
     codebook = torch.cat([torch.randn(4, 3) * 0.1, torch.full((4, 3), 100.0)])  # codes 4-7 are out of reach
     z = torch.randn(64, 3)
-    q = quantizer_with(codebook, depth=2, restart_unused=True, ema=ema, ema_decay=0.0 if ema else 0.99)
+    # an EMA codebook is updated after each depth, so a code re-seeded at depth 1 may be used at depth 2: one depth
+    depth = 1 if ema else 2
+    q = quantizer_with(codebook, depth=depth, restart_unused=True, ema=ema, ema_decay=0.0 if ema else 0.99)
     q(as_map(z))
     assert torch.equal(q.embedding.weight, codebook)  # eval mode: untouched
     z_q, indices, terms = q.train()(as_map(z))
     weight = q.embedding.weight
-    candidates = torch.cat([z, z - codebook[indices.reshape(-1, 2)[:, 0]]])  # the residuals of both depths
+    candidates = z if ema else torch.cat([z, z - codebook[indices.reshape(-1, 2)[:, 0]]])  # the residuals
     assert (distance_to_nearest(weight[4:], candidates) < 1e-4).all()  # dead codes re-seeded from residuals
     if not ema:
         # Live codes are kept, and the in-place restart leaves this step's backward intact: the codebook gradient

@@ -72,8 +72,8 @@ class Tokenizer(nn.Module):
 
     Optional abilities are declared, never discovered: `spec.has_codebook` with `codebook`, `nearest_codes` and
     `encode_scales` (FlexVAR's per-scale tokens), `has_scaling_factor` with `calibrate_scaling` (continuous
-    latents scaled to unit variance after stage 1), and the multi-scale operations of `MultiScaleTokenizer` for
-    `layout="scales"`.
+    latents scaled to unit variance after stage 1), the multi-scale operations of `MultiScaleTokenizer` for
+    `layout="scales"`, and the residual ones of `ResidualTokenizer` for `layout="depth"`.
     """
 
     spec: TokenSpec
@@ -126,4 +126,22 @@ class MultiScaleTokenizer(Tokenizer):
 
     def code_vectors(self) -> torch.Tensor:
         """The codebook rows (vocab_size, dim) that f̂ sums (the raw ones, also under a cosine lookup)."""
+        raise NotImplementedError
+
+
+class ResidualTokenizer(Tokenizer):
+    """A tokenizer with `layout="depth"` (RQ-VAE): D codes per position, each quantising what the earlier ones left.
+    The RQ-Transformer reads its code vectors (its input embeddings) and, for soft targets, its latents."""
+
+    def depth_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (..., D′), D′ ≤ D → the code vector of each depth (..., D′, dim), frozen."""
+        raise NotImplementedError
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) → the latents the quantiser reads (B, dim, h, w)."""
+        raise NotImplementedError
+
+    def soft_codes(self, latents: torch.Tensor, *, temperature: float, stochastic: bool = True,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RQ-VAE's soft codes of `latents` (B, dim, h, w): (probabilities (B, h, w, D, vocab), codes (B, h, w, D))."""
         raise NotImplementedError
