@@ -126,7 +126,9 @@ RASTER_MODES = {"vq": (VQ, "flatten"), "rvq_flat": (RVQ, "flatten"), "rvq_head":
 def raster(mode: str) -> RasterGenerator:
     spec, depth_mode = RASTER_MODES[mode]
     torch.manual_seed(0)
-    model = RasterGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=2, heads=4, depth_mode=depth_mode)
+    # own code embeddings: no tokenizer is attached here (the RQ default reads the tokenizer's code vectors)
+    model = RasterGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=2, heads=4, depth_mode=depth_mode,
+                            code_embeddings="learned")
     head = model.depth_head.output if model.depth_mode == "head" else model.output
     torch.nn.init.normal_(head.weight, std=0.5)  # the zero-initialised head would make every logit equal
     return model.eval()

@@ -54,7 +54,7 @@ def raster(layout: str = "grid", *, kv_heads: int | None = None, seed: int = 0) 
     spec, depth_mode = LAYOUTS[layout]
     torch.manual_seed(seed)
     model = RasterGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=2, heads=4, kv_heads=kv_heads,
-                            depth_mode=depth_mode, head_depth=1)
+                            depth_mode=depth_mode, head_depth=1, code_embeddings="learned")  # no tokenizer attached
     with torch.no_grad():
         out = model.depth_head.output if depth_mode == "head" else model.output
         out.weight.normal_(std=1.0)

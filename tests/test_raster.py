@@ -14,6 +14,7 @@ from arvision.generators import IncompatibleTokenizer, RasterGenerator
 from arvision.generators.sampling import classifier_free_guidance, top_p_filter, top_p_filter_llamagen
 from arvision.nn import Attention, KVCache, apply_rope, causal_mask, grid_positions, rope_2d
 from arvision.tokenizers.base import TokenSpec
+from arvision.tokenizers.rvq import RVQTokenizer
 
 VQ = TokenSpec(name="vq", kind="discrete", layout="grid", grid=(4, 4), dim=8, vocab_size=32, image_size=16,
                image_channels=1)
@@ -32,12 +33,23 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def rvq_tokenizer(spec: TokenSpec, seed: int = 0) -> RVQTokenizer:
+    """A residual tokenizer whose spec is `spec` (the depth head reads its code vectors); EMA codebooks start
+    N(0, 1), so the codes differ visibly."""
+    torch.manual_seed(seed)
+    return RVQTokenizer(image_size=spec.image_size, image_channels=spec.image_channels, ch=8, ch_mult=(1, 2, 2),
+                        z_channels=8, vocab_size=spec.vocab_size, code_dim=spec.dim, depth=spec.depth,
+                        shared_codebook=spec.shared_codebook, ema=True, restart_unused=True).eval()
+
+
 def make(spec: TokenSpec = VQ, *, kv_heads: int | None = None, seed: int = 0, **kwargs) -> RasterGenerator:
     torch.manual_seed(seed)
     model = RasterGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=2, heads=4, kv_heads=kv_heads,
                             **kwargs)
     head = model.depth_head.output if model.depth_mode == "head" else model.output
     torch.nn.init.normal_(head.weight, std=0.5)  # the zero-initialised head would make every logit equal
+    if spec.layout == "depth":
+        model.attach_tokenizer(rvq_tokenizer(spec, seed))
     return model.eval()
 
 
@@ -349,13 +361,19 @@ def test_depth_head_is_causal_over_positions_then_depths() -> None:
                     assert not torch.allclose(flat_out[:, k + 1:], flat_base[:, k + 1:])
 
 
-def test_depth_head_trains_and_counts_its_passes() -> None:
-    model = make(RVQ, depth_mode="head").train()
+@pytest.mark.parametrize("code_embeddings", ["tokenizer", "learned"])
+def test_depth_head_trains_and_counts_its_passes(code_embeddings: str) -> None:
+    model = make(RVQ, depth_mode="head", code_embeddings=code_embeddings).train()
     tokens, labels = batch(RVQ)
     out = model.loss(tokens, labels)
     out["loss"].backward()
-    assert model.depth_embeddings is None and model.depth_head.tok_embeddings.weight.grad is not None
-    assert model.tok_embeddings.weight.grad.abs().sum() > 0  # the spatial input is the sum of a position's codes
+    assert model.depth_embeddings is None
+    if code_embeddings == "learned":
+        assert model.depth_head.tok_embeddings.weight.grad is not None
+        assert model.tok_embeddings.weight.grad.abs().sum() > 0  # the spatial input is the sum of a position's codes
+    else:  # the linear maps on the frozen code vectors learn; the tokenizer's codebook does not
+        assert model.code_proj.weight.grad.abs().sum() > 0 and model.depth_head.code_proj.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.tokenizer_on("cpu").parameters())
     assert model.seq_len == 4 and model.rope.shape[0] == 4 + 1  # + the class slot
     assert model.sampling_cost(cfg=2.0).to_dict() == {"passes": 4 + 12, "backbone_passes": 4, "head_passes": 12,
                                                       "rows_per_pass_factor": 2}
@@ -367,12 +385,13 @@ def test_depth_head_trains_and_counts_its_passes() -> None:
 def test_per_depth_codebooks_give_each_depth_its_own_code_embeddings(depth_mode: str) -> None:
     """With one codebook per depth, code k at depth d and code k at depth d′ are different codes: the model reads
     row d·vocab + k, so editing depth 1's row for k moves the output only where a depth-1 code is k."""
-    model = make(RVQ_PER_DEPTH, depth_mode=depth_mode)
+    model = make(RVQ_PER_DEPTH, depth_mode=depth_mode, code_embeddings="learned")
     vocab, levels = RVQ.vocab_size, RVQ.depth
     assert model.tok_embeddings.num_embeddings == vocab * levels
     if depth_mode == "head":
         assert model.depth_head.tok_embeddings.num_embeddings == vocab * levels
-    assert make(RVQ, depth_mode=depth_mode).tok_embeddings.num_embeddings == vocab  # shared: one table
+    shared_book = make(RVQ, depth_mode=depth_mode, code_embeddings="learned")
+    assert shared_book.tok_embeddings.num_embeddings == vocab  # shared: one table
     tokens = torch.zeros(2, *RVQ.grid, levels, dtype=torch.long)
     tokens[0, :, :, 1] = 5  # sample 0 holds code 5 at depth 1; sample 1 holds code 5 nowhere
     labels = torch.tensor([3, 3])
@@ -388,3 +407,156 @@ def test_per_depth_codebooks_give_each_depth_its_own_code_embeddings(depth_mode:
             table.weight[1 * vocab + 5] -= 1.0
             table.weight[0 * vocab + 5] += 1.0
         torch.testing.assert_close(model(tokens, labels), base)
+
+
+# --- the RQ-Transformer's depth head: code embeddings from the tokenizer, soft targets, GPT-2 blocks -------------
+
+def rq_model(**kwargs) -> RasterGenerator:
+    """The RQ-Transformer's configuration at test size (GPT-2 blocks, learned positions, no null class)."""
+    kwargs = {"depth_mode": "head", "block": "gpt2", "positions": "learned", "null_class": False,
+              "class_dropout": 0.0, **kwargs}
+    model = make(RVQ, **kwargs)
+    with torch.no_grad():  # move the zero-initialised biases and positions so that every term shows
+        for name, param in model.named_parameters():
+            if param.ndim == 1 or "pos_embeddings" in name:
+                param.add_(0.1 * torch.randn(param.shape))
+    return model
+
+
+def test_code_embeddings_are_rq_input_mlp_per_depth_and_head_mlp_after_the_sum() -> None:
+    """The spatial input of a position is Σ_d (W v_d + b) (RQ's input_mlp on each depth, then the sum); the depth
+    head's input after d known codes is W′ (v_1 + … + v_d) + b′ (head_mlp on the cumulative sum), v the tokenizer's
+    frozen code vectors."""
+    model = rq_model()
+    tokens, labels = batch(RVQ, b=2)
+    books = model.tokenizer_on("cpu").quantize
+    seq = model.flatten(tokens)  # (B, 4 positions, 3 depths)
+    vectors = torch.stack([books.book(d).weight[seq[..., d]] for d in range(3)], dim=2)
+    W, b = model.code_proj.weight, model.code_proj.bias
+    with torch.no_grad():
+        expected = sum(vectors[:, :, d] @ W.t() + b for d in range(3))
+        torch.testing.assert_close(model.embed_tokens(seq), expected, atol=1e-6, rtol=0)
+        context = torch.randn(8, 32)
+        head_in = model.depth_head.inputs(context, model.head_vectors(seq[..., :2].reshape(8, 2)))
+        Wh, bh = model.depth_head.code_proj.weight, model.depth_head.code_proj.bias
+        flat = vectors[:, :, :2].reshape(8, 2, 8)
+        torch.testing.assert_close(head_in[:, 0], context)
+        torch.testing.assert_close(head_in[:, 1], flat[:, 0] @ Wh.t() + bh, atol=1e-6, rtol=0)
+        torch.testing.assert_close(head_in[:, 2], (flat[:, 0] + flat[:, 1]) @ Wh.t() + bh, atol=1e-6, rtol=0)
+    # the codebook is read, not owned: changing it changes the logits; the model has no embedding table
+    assert "tok_embeddings" not in dict(model.named_children())
+    with torch.no_grad():
+        before = model(tokens, labels)
+        books.embedding.weight.mul_(2)
+        assert not torch.allclose(model(tokens, labels), before)
+
+
+def test_gpt2_blocks_and_learned_positions_follow_the_rq_transformer() -> None:
+    model = rq_model()
+    names = dict(model.named_parameters())
+    assert model.rope is None and names["pos_embeddings"].shape == (4 + 1, 32)  # class slot + 4 positions
+    assert isinstance(model.norm, torch.nn.Identity)  # the head reads the raw spatial output
+    assert names["layers.0.attention.wqkv.bias"].shape == (96,) and names["layers.0.feed_forward.fc1.weight"].shape \
+        == (128, 32)  # q|k|v biases, 4× GELU MLP
+    assert names["depth_head.output.bias"].shape == (16,) and isinstance(model.depth_head.norm, torch.nn.LayerNorm)
+    assert names["cls_embedding.embedding_table.weight"].shape == (NUM_CLASSES, 32)  # no null row
+    # slot s adds row s: the class slot row 0, the token of position p row p + 1
+    tokens, labels = batch(RVQ, b=2)
+    with torch.no_grad():
+        base = model(tokens, labels)
+        model.pos_embeddings[2] += torch.randn(32)  # the slot of position 1's codes, which predicts position 2
+        moved = model(tokens, labels)
+    torch.testing.assert_close(moved[:, :2], base[:, :2])
+    assert not torch.allclose(moved[:, 2:], base[:, 2:])
+    with pytest.raises(ValueError, match="needs a null class"):
+        model.sample(labels, cfg=2.0)
+    with pytest.raises(ValueError, match="class dropout"):
+        RasterGenerator(spec=RVQ, num_classes=NUM_CLASSES, null_class=False, class_dropout=0.1)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_rq_transformer_cached_sampling_matches_recomputing_every_prefix(decode: str) -> None:
+    model = rq_model()
+    labels = torch.tensor([1, 7])
+    tokens = torch.zeros(2, *RVQ.grid, RVQ.depth, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(4):
+            for d in range(3):
+                i, j = divmod(t, 2)
+                tokens[:, i, j, d] = model(tokens, labels)[:, t, d].argmax(-1)
+    torch.testing.assert_close(model.sample(labels, temperature=0.0, decode=decode), tokens)
+
+
+def test_soft_targets_train_on_stochastic_codes_against_rq_vae_soft_codes() -> None:
+    """Given latents, the loss draws codes from RQ-VAE's soft codes at temperature T (the global RNG, as
+    torch.multinomial in the official code), teacher-forces on them and takes the cross-entropy against the soft
+    codes; the targets are distributions (sum 1) and the gradient reaches the linear maps, not the codebook."""
+    model = rq_model(soft_targets=0.5).train()
+    tokenizer = model.tokenizer_on("cpu")
+    images, labels = torch.rand(2, 1, 8, 8) * 2 - 1, torch.tensor([2, 5])
+    latents = model.encode(images)
+    assert latents.is_floating_point() and latents.shape == (2, 8, 2, 2)
+    torch.manual_seed(3)
+    out = model.loss(latents, labels)
+    torch.manual_seed(3)
+    soft, codes = tokenizer.soft_codes(latents, temperature=0.5)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(2, 2, 2, 3))
+    model.eval()  # the same dropout-free forward for the comparison
+    expected = -(soft.flatten(1, 2) * model(codes, labels).log_softmax(-1)).sum(-1).mean()
+    model.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model.loss(latents, labels)["loss"], expected)
+    out["loss"].backward()
+    assert model.code_proj.weight.grad.abs().sum() > 0 and model.depth_head.code_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tokenizer.parameters())
+    # another seed draws other codes (stochastic), and stochastic_codes=False uses the argmin codes
+    torch.manual_seed(4)
+    assert not torch.equal(tokenizer.soft_codes(latents, temperature=0.5)[1], codes)
+    argmin = rq_model(soft_targets=0.5, stochastic_codes=False).eval()
+    argmin.attach_tokenizer(tokenizer)
+    soft, _ = tokenizer.soft_codes(latents, temperature=0.5, stochastic=False)
+    with torch.no_grad():
+        expected = -(soft.flatten(1, 2) * argmin(tokenizer.quantize(latents)[1], labels).log_softmax(-1)).sum(-1).mean()
+        torch.testing.assert_close(argmin.loss(latents, labels)["loss"], expected)
+
+
+def test_token_encoding_is_the_latents_with_soft_targets_else_the_tokens() -> None:
+    tokenizer = rvq_tokenizer(RVQ)
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    soft = RasterGenerator.token_encoding(tokenizer, {"depth_mode": "head"})  # the RQ-Transformer's default
+    assert soft.name == "rq_latents" and torch.equal(soft.encode(images), tokenizer.latents(images))
+    for model in ({"depth_mode": "head", "soft_targets": 0.0}, {"depth_mode": "flatten"}, {}):
+        encoding = RasterGenerator.token_encoding(tokenizer, model)
+        assert encoding.name == "" and torch.equal(encoding.encode(images), tokenizer.encode(images))
+    hard = make(RVQ, depth_mode="head", soft_targets=0.0)
+    assert torch.equal(hard.encode(images), tokenizer.encode(images))
+    with pytest.raises(ValueError, match="soft_targets=0"):
+        hard.loss(tokenizer.latents(images), torch.tensor([0, 1]))
+
+
+def test_editing_takes_the_latents_encode_gives() -> None:
+    """With soft targets `encode` gives latents; `edit` reads their (argmin) codes as the known tokens."""
+    model = rq_model()
+    images, labels = torch.rand(2, 1, 8, 8) * 2 - 1, torch.tensor([2, 5])
+    known = torch.ones(2, 2, 2, dtype=torch.bool)
+    known[:, 1, 1] = False
+    tokens = model.tokenizer_on("cpu").encode(images)
+    from_latents = model.edit(labels, model.encode(images), known, temperature=0.0)
+    torch.testing.assert_close(from_latents, model.edit(labels, tokens, known, temperature=0.0))
+    assert torch.equal(from_latents[:, 0], tokens[:, 0]) and torch.equal(from_latents[:, 1, 0], tokens[:, 1, 0])
+
+
+def test_depth_head_options_are_checked() -> None:
+    for key, value in (("block", "gpt3"), ("positions", "alibi"), ("code_embeddings", "frozen")):
+        with pytest.raises(ValueError, match=key):
+            RasterGenerator(spec=RVQ, num_classes=NUM_CLASSES, depth_mode="head", **{key: value})
+    with pytest.raises(ValueError, match="soft_targets"):
+        RasterGenerator(spec=RVQ, num_classes=NUM_CLASSES, depth_mode="head", soft_targets=-1.0)
+    with pytest.raises(ValueError, match="top_p_rule"):
+        shared().sample(torch.tensor([1]), top_p=0.9, top_p_rule="nucleus")
+    vq_tokens_only = make(RVQ, depth_mode="head")
+    vq_tokens_only._frozen = None  # no tokenizer attached: the code vectors cannot be read
+    with pytest.raises(RuntimeError, match="attach_tokenizer"):
+        vq_tokens_only(*batch(RVQ))

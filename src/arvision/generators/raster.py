@@ -8,6 +8,19 @@ Residual (depth) tokens (B, h, w, D) are modelled one of two ways (`depth_mode`)
   sum of the D code embeddings of position t − 1; its output h_t feeds a small causal *depth* transformer over
   [h_t, e(k_t1), e(k_t1) + e(k_t2), …] (cumulative code embeddings + a learned depth position) that predicts
   k_t1 … k_tD in turn. h·w spatial passes plus h·w·D (cheap) depth passes.
+  As the RQ-Transformer by default: the code embeddings are the tokenizer's own frozen code vectors through a
+  learned linear map (`code_embeddings="tokenizer"`: per depth then summed for the spatial input, RQ's
+  `input_mlp`; after the cumulative sum for the depth head, RQ's `head_mlp`), and training uses RQ's soft targets
+  (`soft_targets=T`): the tokenizer's latents are re-quantised each step with codes drawn from
+  softmax(−‖r − e_k‖²/T) (`stochastic_codes`), the model is teacher-forced on the drawn codes, and the loss is the
+  cross-entropy against those softmax distributions. Stage 2 then caches the tokenizer's latents, not its tokens
+  (`token_encoding`). `code_embeddings="learned"` and `soft_targets=0` are the plain alternative (own embedding
+  tables, hard cross-entropy).
+`block="gpt2"` with `positions="learned"` and `null_class=False` is the RQ-Transformer's backbone: LayerNorm
+blocks with biased q/k/v/proj and a 4× GELU MLP, learned absolute positions (slot s adds row s: the class slot
+row 0, the token of position p row p + 1), no norm between the spatial transformer and the depth head, LayerNorm
+and a biased output layer in the head, 1000 class rows and no CFG. `arvision-import official=rq_transformer_…`
+loads its files (parity: experiments/parity/rq.py).
 Module names follow LlamaGen (`tok_embeddings`, `cls_embedding.embedding_table`, `layers.{i}.attention.wqkv`,
 …, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i weights load by key, strictly (their `freqs_cis`
 is not in the state dict): `arvision-import official=llamagen_c2i_…`, parity in experiments/parity/llamagen.py.
@@ -21,7 +34,7 @@ step replays one CUDA graph (gpt-fast's recipe). Sampling itself (CFG, top-k/p, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,16 +42,22 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from arvision.generators.base import Generator, SamplingCost, require
+from arvision.generators.base import Generator, SamplingCost, TokenEncoding, require
 from arvision.generators.editing import batch_mask, known_on_grid
-from arvision.generators.sampling import classifier_free_guidance, sample_from_logits, top_p_filter_llamagen
+from arvision.generators.sampling import (classifier_free_guidance, sample_from_logits, top_p_filter_llamagen,
+                                         top_p_filter_rq)
 from arvision.nn import KVCache, LabelEmbedding, RMSNorm, TransformerBlock, grid_positions, rope_2d, with_zero_prefix
 from arvision.nn.attention import StaticKVCache, position_mask
+from arvision.nn.blocks import BLOCK_STYLES
 from arvision.nn.graphs import compiled_step, held_static_caches
-from arvision.tokenizers.base import TokenSpec
+from arvision.tokenizers.base import ResidualTokenizer, Tokenizer, TokenSpec
 
 DEPTH_MODES = ("flatten", "head")
 DECODE_MODES = ("eager", "static", "compiled")
+POSITIONS = ("rope", "learned")
+CODE_EMBEDDINGS = ("tokenizer", "learned")
+SOFT_TARGETS = 0.5  # the RQ-Transformer's soft-target temperature (its configs' `loss.temp`), the default
+NUCLEI = {"llamagen": top_p_filter_llamagen, "rq": top_p_filter_rq}  # top_p_rule → the nucleus filter
 
 
 
@@ -56,29 +75,67 @@ def guided_token(t: int, cfg_interval: int) -> bool:
     return cfg_interval < 0 or t <= cfg_interval + 1
 
 
+def nucleus_filter(top_p_rule: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    if top_p_rule not in NUCLEI:
+        raise ValueError(f"top_p_rule must be one of {tuple(NUCLEI)}, got {top_p_rule!r}")
+    return NUCLEI[top_p_rule]
+
+
+def residual_tokenizer(tokenizer: Tokenizer) -> ResidualTokenizer:
+    if not isinstance(tokenizer, ResidualTokenizer):
+        raise TypeError(f"the depth head's code embeddings and soft targets read a residual tokenizer's codes "
+                        f"(tokenizer=rvq); got tokenizer={tokenizer.spec.name}. Set generator.model."
+                        "code_embeddings=learned and generator.model.soft_targets=0 for another tokenizer")
+    return tokenizer
+
+
+def trains_on_latents(spec: TokenSpec, model: Mapping[str, Any]) -> bool:
+    """Whether a raster model with these settings (`generator.model`) trains on latents (soft targets)."""
+    return (spec.layout == "depth" and spec.depth > 1 and model.get("depth_mode", "flatten") == "head"
+            and float(model.get("soft_targets", SOFT_TARGETS)) > 0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of −Σ_k target_k · log softmax(logits)_k (RQ-Transformer's `soft_target_cross_entropy`)."""
+    return -(targets * logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
 class DepthHead(nn.Module):
-    """RQ-Transformer's depth transformer: causal over the D codes of one position, fed by the spatial context."""
+    """RQ-Transformer's depth transformer: causal over the D codes of one position, fed by the spatial context.
+
+    Its inputs after the context are cumulative code vectors: its own learned embeddings (`code_dim=None`), or the
+    tokenizer's code vectors (code_dim wide) through `code_proj` (RQ's `head_mlp`), applied after the sum."""
 
     def __init__(self, *, vocab_size: int, levels: int, dim: int, depth: int, heads: int, norm_eps: float,
-                 codebook_per_level: bool = False) -> None:
+                 codebook_per_level: bool = False, code_dim: int | None = None, block: str = "llama",
+                 resid_dropout: float = 0.0, ffn_dropout: float = 0.0) -> None:
         super().__init__()
         self.levels, self.vocab_size, self.codebook_per_level = levels, vocab_size, codebook_per_level
-        # its own code embeddings (`head_emb` in RQ-Transformer); one table per level when each depth has its codebook
-        self.tok_embeddings = nn.Embedding(vocab_size * (levels if codebook_per_level else 1), dim)
+        gpt2 = block == "gpt2"
+        if code_dim is None:
+            # its own code embeddings (`head_emb` in RQ-Transformer); one table per level when each depth has its
+            # codebook
+            self.tok_embeddings = nn.Embedding(vocab_size * (levels if codebook_per_level else 1), dim)
+        else:
+            self.code_proj = nn.Linear(code_dim, dim)
         self.level_embeddings = nn.Embedding(levels, dim)
-        self.layers = nn.ModuleList(TransformerBlock(dim, heads, norm_eps=norm_eps) for _ in range(depth))
-        self.norm = RMSNorm(dim, eps=norm_eps)
-        self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.layers = nn.ModuleList(TransformerBlock(dim, heads, norm_eps=norm_eps, style=block,
+                                                     resid_dropout=resid_dropout, ffn_dropout=ffn_dropout)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if gpt2 else RMSNorm(dim, eps=norm_eps)
+        self.output = nn.Linear(dim, vocab_size, bias=gpt2)
+        self.learned_codes = code_dim is None
 
-    def inputs(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """context (M, dim), codes (M, d′) with d′ < D known codes → head inputs (M, d′ + 1, dim):
-        [context, e(c_1), e(c_1) + e(c_2), …] (RQ-Transformer's `cumsum_depth_ctx`)."""
-        levels = torch.arange(codes.shape[1], device=codes.device)
-        cumulative = self.embed(codes, levels).cumsum(dim=1)
-        return torch.cat([context[:, None], cumulative], dim=1)
+    def inputs(self, context: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """context (M, dim), the code vectors (M, d′, ·) of the d′ < D known codes → head inputs (M, d′ + 1, dim):
+        [context, p(v_1), p(v_1 + v_2), …] (RQ-Transformer's `cumsum_depth_ctx`), p = `project`."""
+        return torch.cat([context[:, None], self.project(vectors.cumsum(dim=1))], dim=1)
+
+    def project(self, cumulative: torch.Tensor) -> torch.Tensor:
+        return cumulative if self.learned_codes else self.code_proj(cumulative)
 
     def embed(self, codes: torch.Tensor, level: torch.Tensor | int) -> torch.Tensor:
-        """Embeddings of codes drawn at `level` (an int or a tensor broadcasting against `codes`)."""
+        """Own embeddings of codes drawn at `level` (an int or a tensor broadcasting against `codes`)."""
         return self.tok_embeddings(level_code_ids(codes, level, self.vocab_size, self.codebook_per_level))
 
     def forward(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
@@ -100,12 +157,19 @@ class RasterGenerator(Generator):
                  kv_heads: int | None = None, ffn_hidden: int | None = None, token_dropout: float = 0.1,
                  resid_dropout: float = 0.1, ffn_dropout: float = 0.1, drop_path: float = 0.0,
                  class_dropout: float = 0.1, rope_base: float = 10000.0, norm_eps: float = 1e-5,
-                 depth_mode: str = "flatten", head_depth: int = 2) -> None:
+                 depth_mode: str = "flatten", head_depth: int = 2, block: str = "llama", positions: str = "rope",
+                 null_class: bool = True, code_embeddings: str = "tokenizer", soft_targets: float = SOFT_TARGETS,
+                 stochastic_codes: bool = True) -> None:
         super().__init__()
         require(spec, generator="raster", ok=spec.kind == "discrete" and spec.layout in ("grid", "depth"),
                 needs="a discrete grid or residual tokenizer (tokenizer=vq or tokenizer=rvq)")
-        if depth_mode not in DEPTH_MODES:
-            raise ValueError(f"depth_mode must be one of {DEPTH_MODES}, got {depth_mode!r}")
+        for key, value, allowed in (("depth_mode", depth_mode, DEPTH_MODES), ("block", block, BLOCK_STYLES),
+                                    ("positions", positions, POSITIONS),
+                                    ("code_embeddings", code_embeddings, CODE_EMBEDDINGS)):
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+        if soft_targets < 0:
+            raise ValueError(f"soft_targets (a temperature; 0 = hard targets) must be ≥ 0, got {soft_targets}")
         assert spec.vocab_size is not None  # guaranteed for discrete specs
         self.spec, self.num_classes = spec, num_classes
         self.levels = spec.depth if spec.layout == "depth" else 1
@@ -113,40 +177,78 @@ class RasterGenerator(Generator):
         # slot per position; flattened, one per code.
         self.depth_mode = depth_mode if self.levels > 1 else "flatten"
         self.seq_len = spec.num_tokens if self.depth_mode == "flatten" else spec.grid[0] * spec.grid[1]
+        head = self.depth_mode == "head"
+        # the RQ-Transformer's options act on the depth head only; a flattened sequence keeps its own tables
+        self.tokenizer_codes = head and code_embeddings == "tokenizer"
+        self.soft_targets = soft_targets if head else 0.0
+        self.stochastic_codes = stochastic_codes
 
-        self.cls_embedding = LabelEmbedding(num_classes, dim, dropout=class_dropout)
+        self.cls_embedding = LabelEmbedding(num_classes, dim, dropout=class_dropout, null_class=null_class)
         # RVQ with one codebook per depth: code k of depth d is another code than k of depth d′, so each depth gets
         # its own rows (ids offset by d·vocab); with a shared codebook (RQ-VAE) the depths share one table.
         self.codebook_per_level = self.levels > 1 and not spec.shared_codebook
-        self.tok_embeddings = nn.Embedding(spec.vocab_size * (self.levels if self.codebook_per_level else 1), dim)
+        if self.tokenizer_codes:
+            self.code_proj = nn.Linear(spec.dim, dim)  # RQ's `input_mlp` on the tokenizer's code vectors
+        else:
+            self.tok_embeddings = nn.Embedding(spec.vocab_size * (self.levels if self.codebook_per_level else 1), dim)
         flat_depth = self.levels > 1 and self.depth_mode == "flatten"
         self.depth_embeddings = nn.Embedding(self.levels, dim) if flat_depth else None
+        if positions == "learned":  # slot s adds row s; the last row is the unused position of the last token
+            self.pos_embeddings = nn.Parameter(torch.empty(self.seq_len + 1, dim))
         self.tok_dropout = nn.Dropout(token_dropout)
         # stochastic depth grows with depth, as in LlamaGen (on the CPU: the model may be built on the meta device)
         rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         self.layers = nn.ModuleList(
             TransformerBlock(dim, heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, resid_dropout=resid_dropout,
-                             ffn_dropout=ffn_dropout, drop_path=rate, norm_eps=norm_eps)
+                             ffn_dropout=ffn_dropout, drop_path=rate, norm_eps=norm_eps, style=block)
             for rate in rates)
-        self.norm = RMSNorm(dim, eps=norm_eps)
-        if self.depth_mode == "head":
+        gpt2 = block == "gpt2"
+        if gpt2 and head:
+            self.norm: nn.Module = nn.Identity()  # the RQ-Transformer feeds its head the raw spatial output
+        else:
+            self.norm = nn.LayerNorm(dim, eps=norm_eps) if gpt2 else RMSNorm(dim, eps=norm_eps)
+        if head:
             self.depth_head = DepthHead(vocab_size=spec.vocab_size, levels=self.levels, dim=dim, depth=head_depth,
-                                        heads=heads, norm_eps=norm_eps, codebook_per_level=self.codebook_per_level)
+                                        heads=heads, norm_eps=norm_eps, codebook_per_level=self.codebook_per_level,
+                                        code_dim=spec.dim if self.tokenizer_codes else None, block=block,
+                                        resid_dropout=resid_dropout if gpt2 else 0.0,
+                                        ffn_dropout=ffn_dropout if gpt2 else 0.0)
         else:
             self.output = nn.Linear(dim, spec.vocab_size, bias=False)
 
-        positions = grid_positions(*spec.grid).repeat_interleave(self.seq_len // (spec.grid[0] * spec.grid[1]), dim=0)
-        table = with_zero_prefix(rope_2d(positions, dim // heads, base=rope_base), 1)  # slot 0 = class
-        self.register_buffer("rope", table, persistent=False)
+        if positions == "rope":
+            grid = grid_positions(*spec.grid).repeat_interleave(self.seq_len // (spec.grid[0] * spec.grid[1]), dim=0)
+            table = with_zero_prefix(rope_2d(grid, dim // heads, base=rope_base), 1)  # slot 0 = class
+            self.register_buffer("rope", table, persistent=False)
+        else:
+            self.rope = None
 
         self.apply(self._init_weights)
+        if positions == "learned":
+            nn.init.normal_(self.pos_embeddings, std=0.02)
         # start from the uniform distribution over the vocabulary
-        nn.init.zeros_(self.depth_head.output.weight if self.depth_mode == "head" else self.output.weight)
+        nn.init.zeros_(self.depth_head.output.weight if head else self.output.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:  # GPT-2 style layers only
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def token_encoding(cls, tokenizer: Tokenizer, model: Mapping[str, Any]) -> TokenEncoding:
+        """With a depth head and soft targets (the RQ-Transformer's default), stage 2 trains on the tokenizer's
+        latents, re-quantised stochastically each step; otherwise on its tokens."""
+        if trains_on_latents(tokenizer.spec, model):
+            return TokenEncoding(name="rq_latents", encode=residual_tokenizer(tokenizer).latents)
+        return super().token_encoding(tokenizer, model)
+
+    def encode(self, images: torch.Tensor) -> Any:
+        tokenizer = self.tokenizer_on(images.device)
+        if self.soft_targets > 0:
+            return residual_tokenizer(tokenizer).latents(images)
+        return tokenizer.encode(images)
 
     # --- the network -------------------------------------------------------------------------------------------
 
@@ -155,12 +257,29 @@ class RasterGenerator(Generator):
         head, whole positions (B, n, D) → the sum of their D code embeddings (B, n, dim)."""
         vocab, per_level = self.spec.vocab_size, self.codebook_per_level
         if self.depth_mode == "head":
+            if self.tokenizer_codes:  # RQ's input_mlp on each depth's code vector, then the sum over depths
+                return self.code_proj(self.code_vectors(seq)).sum(dim=2)
             levels = torch.arange(seq.shape[2], device=seq.device)
             return self.tok_embeddings(level_code_ids(seq, levels, vocab, per_level)).sum(dim=2)
         if self.depth_embeddings is None:
             return self.tok_embeddings(seq)
         level = torch.arange(offset, offset + seq.shape[1], device=seq.device) % self.levels
         return self.tok_embeddings(level_code_ids(seq, level, vocab, per_level)) + self.depth_embeddings(level)
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (..., d′) of depths 0 … d′ − 1 → the tokenizer's frozen code vectors (..., d′, code_dim)."""
+        return residual_tokenizer(self.tokenizer_on(codes.device)).depth_codes(codes)
+
+    def head_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """What the depth head sums for codes (M, d′) of depths 0 … d′ − 1: (M, d′, ·), the tokenizer's code
+        vectors or the head's own embeddings."""
+        if self.tokenizer_codes:
+            return self.code_vectors(codes)
+        return self.depth_head.embed(codes, torch.arange(codes.shape[1], device=codes.device))
+
+    def head_input(self, codes: torch.Tensor) -> torch.Tensor:
+        """The depth head's input after the known codes (M, d′) of one position: p(v_1 + … + v_d′) (M, 1, dim)."""
+        return self.depth_head.project(self.head_vectors(codes).cumsum(dim=1)[:, -1:])
 
     def decode(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Run input slots start … start + n − 1 (x: (B, n, dim)) → logits (B, n, vocab) in fp32 (with a depth
@@ -169,7 +288,10 @@ class RasterGenerator(Generator):
         Without caches `start` must be 0 and x is the whole prefix; with caches (one per layer, see `new_caches`)
         the earlier slots are read from them and these are appended.
         """
-        rope = self.rope[start:start + x.shape[1]]
+        if self.rope is None:  # learned absolute positions, added to the input (RQ-Transformer)
+            rope, x = None, x + self.pos_embeddings[start:start + x.shape[1]]
+        else:
+            rope = self.rope[start:start + x.shape[1]]
         x = self.tok_dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope=rope, cache=None if caches is None else caches[i], is_causal=True)
@@ -206,13 +328,26 @@ class RasterGenerator(Generator):
             return out
         b = seq.shape[0]
         head_in = self.depth_head.inputs(rearrange(out, "b n c -> (b n) c"),
-                                         rearrange(seq[..., :-1], "b n d -> (b n) d"))
+                                         self.head_vectors(rearrange(seq[..., :-1], "b n d -> (b n) d")))
         return rearrange(self.depth_head(head_in), "(b n) d v -> b n d v", b=b)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self(tokens, labels)
-        targets = self.flatten(tokens)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten())
+        """Cross-entropy of the teacher-forced logits. Given latents (B, dim, h, w) (soft targets, see
+        `token_encoding`) the codes are drawn from RQ-VAE's soft codes at temperature `soft_targets` (or are their
+        argmin without `stochastic_codes`) and the targets are those soft codes; given tokens, hard targets."""
+        if tokens.is_floating_point():
+            if self.soft_targets <= 0:
+                raise ValueError("latents were given to a raster model without soft targets (soft_targets=0 "
+                                 "trains on the tokenizer's tokens)")
+            soft, codes = residual_tokenizer(self.tokenizer_on(tokens.device)).soft_codes(
+                tokens, temperature=self.soft_targets, stochastic=self.stochastic_codes)
+            logits = self(codes, labels)
+            loss = soft_cross_entropy(logits, rearrange(soft, "b h w d k -> b (h w) d k"))
+            targets = self.flatten(codes)
+        else:
+            logits = self(tokens, labels)
+            targets = self.flatten(tokens)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten())
         accuracy = (logits.argmax(dim=-1) == targets).float().mean()
         return {"loss": loss, "accuracy": accuracy.detach()}
 
@@ -222,7 +357,10 @@ class RasterGenerator(Generator):
         """`decode` of one slot with fixed shapes: x (B, 1, dim) the input of slot `positions` ((1,) long tensor on
         x's device) → logits (B, 1, vocab) fp32 (with a depth head: the context (B, 1, dim)). Keys and values are
         written into `caches` at the slot; attention covers all N slots, those after it masked."""
-        rope = self.rope.index_select(0, positions)
+        if self.rope is None:
+            rope, x = None, x + self.pos_embeddings.index_select(0, positions)
+        else:
+            rope = self.rope.index_select(0, positions)
         mask = position_mask(positions, self.seq_len)
         x = self.tok_dropout(x)
         for layer, cache in zip(self.layers, caches):
@@ -255,7 +393,7 @@ class RasterGenerator(Generator):
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_interval: int = -1,
-               decode: str = "eager") -> torch.Tensor:
+               decode: str = "eager", top_p_rule: str = "llamagen") -> torch.Tensor:
         """Sample tokens (B, h, w) or (B, h, w, D) for `labels` (B,).
 
         cfg ≠ 1 runs the conditional rows and null-class rows as one batch of 2B (guided logits
@@ -264,12 +402,14 @@ class RasterGenerator(Generator):
         conditional logits (the 2B rows keep running, as in LlamaGen); negative guides every token. `decode` =
         eager | static | compiled runs the spatial transformer's slots as the module docstring says (the depth
         head, if any, always runs eagerly); all three give the same tokens up to floating-point rounding. Top-p
-        keeps LlamaGen's nucleus exactly (`top_p_filter_llamagen`).
+        keeps LlamaGen's nucleus exactly (`top_p_filter_llamagen`), or the RQ-Transformer's with top_p_rule="rq"
+        (`top_p_filter_rq`: they differ only where the mass before a token equals p).
         """
         was_training = self.training
         self.eval()
         try:
-            guided = cfg != 1.0
+            guided = self.guided(cfg)
+            nucleus = nucleus_filter(top_p_rule)
             batch = labels.shape[0]
             cond = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
             step = self.slot_stepper(decode, rows=cond.shape[0], device=labels.device)
@@ -283,7 +423,7 @@ class RasterGenerator(Generator):
                     logits = (classifier_free_guidance(cond_logits, uncond_logits, cfg)
                               if guided_token(t, cfg_interval) else cond_logits)
                 return sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          generator=generator, nucleus=top_p_filter_llamagen)
+                                          generator=generator, nucleus=nucleus)
 
             def both(token: torch.Tensor) -> torch.Tensor:  # the same token for the conditional and null rows
                 return torch.cat([token, token]) if guided else token
@@ -293,16 +433,23 @@ class RasterGenerator(Generator):
                 if self.depth_mode == "flatten":
                     seq[:, t] = draw(out, t)
                 else:  # D depth-head passes over this position's codes, with their own small cache
-                    head_caches, head_x, cumulative = self.depth_head.new_caches(), out[:, None], 0
+                    head_caches, head_x = self.depth_head.new_caches(), out[:, None]
                     for d in range(self.levels):
                         seq[:, t, d] = draw(self.depth_head(head_x, start=d, caches=head_caches)[:, -1], t)
-                        cumulative = cumulative + self.depth_head.embed(both(seq[:, t, d]), d)
-                        head_x = cumulative[:, None]  # e(c_1) + … + e(c_d)
+                        if d + 1 < self.levels:
+                            head_x = self.head_input(both(seq[:, t, :d + 1]))  # p(v(c_1) + … + v(c_d))
                 if t + 1 < self.seq_len:
                     x = self.embed_tokens(both(seq[:, t])[:, None], offset=t)
             return self.unflatten(seq)
         finally:
             self.train(was_training)
+
+    def guided(self, cfg: float) -> bool:
+        """Whether sampling runs CFG; a model without a null class (RQ-Transformer) cannot."""
+        if cfg != 1.0 and not self.cls_embedding.null_class:
+            raise ValueError(f"cfg={cfg} needs a null class, and this model has none (generator.model.null_class="
+                             "false, as the RQ-Transformer, trained without CFG): sample with cfg=1")
+        return cfg != 1.0
 
     def sampling_cost(self, *, cfg: float = 1.0, **_: Any) -> SamplingCost:
         """One backbone pass per spatial slot (the first is the class prefill), plus D depth-head passes per slot
@@ -316,7 +463,7 @@ class RasterGenerator(Generator):
     @torch.inference_mode()
     def edit(self, labels: torch.Tensor, known_tokens: torch.Tensor, known: torch.Tensor, *, cfg: float = 1.0,
              generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             cfg_interval: int = -1) -> torch.Tensor:
+             cfg_interval: int = -1, top_p_rule: str = "llamagen") -> torch.Tensor:
         """In-/out-painting (VAR's zero-shot editing, in raster order): tokens shaped as `sample`'s that equal
         `known_tokens` wherever `known` is True and are sampled elsewhere.
 
@@ -331,8 +478,12 @@ class RasterGenerator(Generator):
         was_training = self.training
         self.eval()
         try:
-            guided = cfg != 1.0
+            guided = self.guided(cfg)
+            nucleus = nucleus_filter(top_p_rule)
             batch, device = labels.shape[0], labels.device
+            if known_tokens.is_floating_point():  # `encode`'s latents (soft targets): the tokenizer's own codes
+                known_tokens = residual_tokenizer(self.tokenizer_on(device)).soft_codes(
+                    known_tokens.to(device), temperature=1.0, stochastic=False)[1]
             expected = (batch, *self.spec.grid) + ((self.levels,) if self.spec.layout == "depth" else ())
             if tuple(known_tokens.shape) != expected:
                 raise ValueError(f"known_tokens must have shape {expected} (the tokenizer's tokens of the "
@@ -353,7 +504,7 @@ class RasterGenerator(Generator):
                     logits = (classifier_free_guidance(cond_logits, uncond_logits, cfg)
                               if guided_token(t, cfg_interval) else cond_logits)
                 return sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          generator=generator, nucleus=top_p_filter_llamagen)
+                                          generator=generator, nucleus=nucleus)
 
             def both(tokens: torch.Tensor) -> torch.Tensor:  # the same tokens for the conditional and null rows
                 return torch.cat([tokens, tokens]) if guided else tokens
@@ -368,12 +519,12 @@ class RasterGenerator(Generator):
                 if self.depth_mode == "flatten":
                     seq[:, t] = torch.where(forced[:, t], truth[:, t], draw(out, t))
                 else:  # the depth head over this position's codes; known rows feed it their own codes
-                    head_caches, head_x, cumulative = self.depth_head.new_caches(), out[:, None], 0
+                    head_caches, head_x = self.depth_head.new_caches(), out[:, None]
                     for d in range(self.levels):
                         code = draw(self.depth_head(head_x, start=d, caches=head_caches)[:, -1], t)
                         seq[:, t, d] = torch.where(forced[:, t], truth[:, t, d], code)
-                        cumulative = cumulative + self.depth_head.embed(both(seq[:, t, d]), d)
-                        head_x = cumulative[:, None]
+                        if d + 1 < self.levels:
+                            head_x = self.head_input(both(seq[:, t, :d + 1]))
                 if i + 1 < len(todo):  # feed token t and the known run after it, up to the next token to draw
                     x, start = self.embed_tokens(both(seq[:, t:todo[i + 1]]), offset=t), t + 1
             return self.unflatten(seq)

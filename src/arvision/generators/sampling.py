@@ -58,6 +58,20 @@ def top_p_filter_llamagen(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_p_filter_rq(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The RQ-Transformer's nucleus (rqvae/utils/utils.py `top_p_probs`): the probabilities are sorted and a token
+    stays while the running sum of the more likely ones is < p, so a sum equal to p drops it (LlamaGen keeps it).
+    p = 1 is off."""
+    if p >= 1.0:
+        return logits
+    sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+    drop_sorted[..., 1:] = cumulative[..., :-1] >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def sample_from_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        generator: torch.Generator | None = None,
                        nucleus: Callable[[torch.Tensor, float], torch.Tensor] = top_p_filter) -> torch.Tensor:
