@@ -194,6 +194,7 @@ class OfficialFamily:
     name: ClassVar[str]
     tokenizer_keys: ClassVar[tuple[str, ...]] = ("model", "state_dict")
     generator_keys: ClassVar[tuple[str, ...]] = ("model", "state_dict")
+    ema_keys: ClassVar[tuple[str, ...]] = ("ema",)  # where EMA weights sit, read first when the import asks for EMA
 
     def tokenizer_names(self, tokenizer: torch.nn.Module) -> StateMap:
         raise NotImplementedError

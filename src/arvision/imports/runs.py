@@ -99,7 +99,7 @@ def import_official(cfg: DictConfig, run_dir: Path) -> Imported:
 
     generator = instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=int(cfg.data.num_classes))
     generator.attach_tokenizer(tokenizer)
-    gen_keys = ("ema", *family.generator_keys) if cfg.get("ema", True) else family.generator_keys
+    gen_keys = (*family.ema_keys, *family.generator_keys) if cfg.get("ema", True) else family.generator_keys
     official_gen, gen_layout = find_state_dict(read_official(generator_path), generator_path, gen_keys)
     gen_state, gen_extras = family.generator_to_ours(official_gen, generator)
     fit(generator, gen_state, path=generator_path, preset=preset, official_names=family.generator_names(generator))
@@ -166,9 +166,12 @@ def export_official(run_dir: Path, out_dir: Path) -> list[Path]:
         convert = family.tokenizer_to_official if kind == "tokenizer" else family.generator_to_official
         wrap = family.tokenizer_file if kind == "tokenizer" else family.generator_file
         state = convert(blob[key], blob.get("official_extras", {}), model)
-        target = out_dir / Path(files.get(kind) or f"{kind}.pt").name
+        released = Path(files.get(kind) or f"{kind}.pt")
+        # a released name with folders (RQ-Transformer's stage1/model.pt, stage2/model.pt) keeps them
+        target = out_dir / (released if not released.is_absolute() and ".." not in released.parts else released.name)
         if target.exists():
             raise ImportError_(f"{target} exists; export into an empty directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(wrap(state, imported["files"][kind]["layout"]), target)
         written.append(target)
     return written
