@@ -204,6 +204,8 @@ CASES = [
          "num_samples=0: must be an integer ≥ 1"),
     Case("sample-negative", "arvision-sample with -5 samples", "arvision-sample run={run} num_samples=-5",
          "num_samples=-5: must be an integer ≥ 1"),
+    Case("sample-gpu", "sampling on a GPU on a machine without one", "arvision-sample run={run} device=cuda",
+         "device=cuda needs a CUDA GPU and none is visible; use device=cpu or device=auto"),
     Case("sample-key", "a sampling setting the generator does not have", "arvision-sample run={run} +sample.cfgg=2",
          "sample.cfgg is not a sampling setting of generator=raster; its settings: "),
     Case("eval-metric", "an unknown metric", "arvision-eval run={run} select=[fid,bogus]",

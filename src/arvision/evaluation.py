@@ -132,8 +132,10 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(generator: Generator, tokenizer: Tokenizer, labels: torch.Tensor, *, batch_size: int,
-                  seed: int, **sampling: Any) -> tuple[torch.Tensor, float]:
+                  seed: int, as_uint8: bool = False, **sampling: Any) -> tuple[torch.Tensor, float]:
     """Generate and decode images for `labels`; returns images in [-1, 1] (on the CPU) and the timed seconds.
+    `as_uint8`: each batch is rounded to uint8 (N, C, H, W) as it comes, so 50 000 samples at 256 px take 9.8 GB of
+    memory instead of 39 GB of floats.
 
     One small batch runs first as warm-up and is excluded from the timing; each batch of `batch_size` is timed.
     """
@@ -150,7 +152,8 @@ def sample_images(generator: Generator, tokenizer: Tokenizer, labels: torch.Tens
                                           generator=torch.Generator(device=device).manual_seed(seed), **sampling))
 
     def next_batch() -> None:
-        chunks.append(tokenizer.decode(generator.sample(next(pending), generator=rng, **sampling)).clamp(-1, 1).cpu())
+        images = tokenizer.decode(generator.sample(next(pending), generator=rng, **sampling)).clamp(-1, 1).cpu()
+        chunks.append(uint8_images(images) if as_uint8 else images)
         bar.advance(len(chunks[-1]))
 
     with phase("sampling", total=len(labels)) as bar:
@@ -172,9 +175,14 @@ def latency(generator: Generator, tokenizer: Tokenizer, labels: torch.Tensor, *,
                   repeats=repeats, **sampling)
 
 
+def uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (N, C, H, W) → uint8 (N, C, H, W), rounding as the ADM/VAR exporters do."""
+    return ((images * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (N, C, H, W) → uint8 (N, H, W, C), rounding as the ADM/VAR exporters do."""
-    x = ((images * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    """[-1, 1] floats or uint8 (N, C, H, W) → uint8 (N, H, W, C), the ADM npz layout."""
+    x = images if images.dtype == torch.uint8 else uint8_images(images)
     return x.permute(0, 2, 3, 1).numpy()
 
 

@@ -26,6 +26,7 @@ from arvision import pipeline
 from arvision.evaluation import balanced_labels, sample_images, to_uint8
 from arvision.generators.base import Generator
 from arvision.generators.editing import EDITS, REGIONS, edit_images, editable_generators, known_pixels, masked_preview
+from arvision.utils.device import resolve_device
 from arvision.utils.validate import SettingError, check_range
 
 PREVIEW_COLUMNS, PREVIEW_MAX = 16, 64  # the edit PNG: row blocks of 16 (original / masked / edited), ≤ 64 images
@@ -55,10 +56,11 @@ def export(cfg: DictConfig) -> Exported:
 
 
 def export_samples(cfg: DictConfig) -> Exported:
+    device = resolve_device(cfg.device)
     run = pipeline.load_run(cfg.run, ema=cfg.ema, overrides=pipeline.sample_overrides(cfg))
     labels = balanced_labels(cfg.num_samples, run.generator.num_classes)
-    images, seconds = sample_images(run.generator, run.tokenizer, labels, batch_size=cfg.batch_size, seed=cfg.seed,
-                                    **run.sampling)
+    images, seconds = sample_images(run.generator.to(device), run.tokenizer, labels, batch_size=cfg.batch_size,
+                                    seed=cfg.seed, as_uint8=True, **run.sampling)
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"samples_{cfg.num_samples}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, arr_0=to_uint8(images), labels=labels.numpy())
@@ -96,7 +98,9 @@ def export_edits(cfg: DictConfig) -> Exported:
         raise EditError(f"edit_mask must be one of {', '.join(REGIONS)}, got {cfg.edit_mask!r}")
     if cfg.edit_source != "test":
         raise EditError(f"edit_source must be test (the run's test split), got {cfg.edit_source!r}")
+    device = resolve_device(cfg.device)
     run = pipeline.load_run(cfg.run, ema=cfg.ema, overrides=pipeline.sample_overrides(cfg))
+    run.generator.to(device)
     if not run.generator.supports_editing:
         raise EditError(f"edit={cfg.edit} needs a generator with zero-shot editing "
                         f"({', '.join(editable_generators())}); this run's generator is {run.generator.name}")

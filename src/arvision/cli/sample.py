@@ -2,6 +2,7 @@
 
     arvision-sample run=<run dir> num_samples=50000 out=samples.npz                  # the run's own sampling
     arvision-sample run=<run dir> num_samples=1000 +sample.cfg=1.5                   # one setting overridden
+    arvision-sample run=<run dir> num_samples=50000 device=cuda:1                    # on a given GPU (auto: cuda if any)
 
 Zero-shot editing of the run's test images (VAR's in-/out-painting, raster and next_scale generators):
 
@@ -24,6 +25,7 @@ from arvision.cli.common import config_dir, fail
 from arvision.export import EditError, export
 from arvision.pipeline import ConfigError
 from arvision.results import ResultsError
+from arvision.utils.device import DeviceError
 from arvision.utils.files import UnreadableFile
 
 
@@ -31,7 +33,7 @@ from arvision.utils.files import UnreadableFile
 def main(cfg: DictConfig) -> None:
     try:
         exported = export(cfg)
-    except (FileNotFoundError, EditError, ConfigError, ResultsError, UnreadableFile) as err:
+    except (FileNotFoundError, EditError, ConfigError, ResultsError, UnreadableFile, DeviceError) as err:
         fail(str(err))
     print(exported.message)
 
