@@ -217,6 +217,33 @@ def test_sample_export_is_adm_layout_class_balanced_and_takes_sampling_overrides
     assert printed.rstrip().endswith(exported.message.split(" img/s")[1])
 
 
+def test_sample_export_resizes_as_llamagen_scores_its_384_px_models(tiny_cfg, tmp_path, monkeypatch):
+    """image_size=N: bicubic on the decoded images before the clamp (LlamaGen's sample_c2i_ddp.py order), then the
+    usual uint8 rounding: the same bytes as resizing the unclamped decoder output by hand."""
+    import arvision.evaluation as evaluation
+
+    pipeline.run(tiny_cfg("evaluate=false"), tmp_path / "run")
+    decoded = []
+    cfg = sample_config(tmp_path / "run", "num_samples=8", f"out={tmp_path / 'small.npz'}", "image_size=20")
+    run = pipeline.load_run(tmp_path / "run")
+    decode = type(run.tokenizer).decode
+    # 3× the decoder's output: values past ±1, where resizing before or after the clamp differ
+    def scaled(self, tokens):
+        decoded.append(3 * decode(self, tokens))
+        return decoded[-1]
+    monkeypatch.setattr(type(run.tokenizer), "decode", scaled)
+    small = np.load(export(cfg).path)["arr_0"]
+    assert small.shape == (8, 20, 20, 1) and small.dtype == np.uint8
+    full = torch.cat(decoded[1:])  # the first decode is the untimed warm-up batch
+    assert full.abs().max() > 1
+    by_hand = torch.nn.functional.interpolate(full, size=(20, 20), mode="bicubic").clamp(-1, 1)
+    assert np.array_equal(small, evaluation.to_uint8(by_hand))
+    clamped_first = torch.nn.functional.interpolate(full.clamp(-1, 1), size=(20, 20), mode="bicubic").clamp(-1, 1)
+    assert not np.array_equal(small, evaluation.to_uint8(clamped_first))  # the order shows in the bytes
+    with pytest.raises(pipeline.ConfigError, match=r"^image_size=0: must be an integer ≥ 1"):
+        export(sample_config(tmp_path / "run", "image_size=0"))
+
+
 @pytest.mark.parametrize("bad", ["num_samples=0", "num_samples=-5", "batch_size=0"])
 def test_sample_export_refuses_a_bad_count_before_any_work(bad, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_run", lambda *a, **k: pytest.fail("loaded the run before checking"))

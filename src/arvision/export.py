@@ -48,6 +48,7 @@ def export(cfg: DictConfig) -> Exported:
     try:
         for key in ("num_samples", "batch_size"):
             check_range(key, cfg[key], minimum=1, integer=True)
+        check_range("image_size", cfg.get("image_size"), minimum=1, integer=True, optional=True)
     except SettingError as err:
         raise pipeline.ConfigError(str(err)) from None
     if cfg.get("edit") is not None:
@@ -60,7 +61,7 @@ def export_samples(cfg: DictConfig) -> Exported:
     run = pipeline.load_run(cfg.run, ema=cfg.ema, overrides=pipeline.sample_overrides(cfg))
     labels = balanced_labels(cfg.num_samples, run.generator.num_classes)
     images, seconds = sample_images(run.generator.to(device), run.tokenizer, labels, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, as_uint8=True, **run.sampling)
+                                    seed=cfg.seed, as_uint8=True, size=cfg.get("image_size"), **run.sampling)
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"samples_{cfg.num_samples}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, arr_0=to_uint8(images), labels=labels.numpy())
