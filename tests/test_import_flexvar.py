@@ -19,7 +19,7 @@ import arvision.generators.next_scale as next_scale
 from arvision import pipeline
 from arvision.cli import evaluate as evaluate_cli
 from arvision.cli import sample as sample_cli
-from arvision.generators.sampling import top_k_filter, top_p_filter
+from arvision.generators.sampling import top_k_filter, top_p_filter_var
 from arvision.imports.base import CheckpointMismatch, read_official
 from arvision.imports.runs import export_official, import_official
 from arvision.nn.masks import segment_ids
@@ -159,7 +159,7 @@ def test_golden_fixture_outputs_equal_the_official_code(tmp_path, fixture, monke
         ours["teacher-forced logits (training schedule)"] = generator(cycled, rows, schedule=schedule)
         ours["teacher-forced logits (10 steps)"] = generator(cycled, rows)
         logits = inputs["guided_logits"]
-        ours["top-k/top-p kept sets"] = torch.stack([top_p_filter(top_k_filter(logits, k), p).isfinite()
+        ours["top-k/top-p kept sets"] = torch.stack([top_p_filter_var(top_k_filter(logits, k), p).isfinite()
                                                      for k, p in s["kept"]])
     with HeadCalls(generator) as calls:
         grid = generator.sample(sample_labels, cfg=cfg, temperature=0.0)

@@ -67,7 +67,7 @@ from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fi
 import arvision.generators.next_scale as next_scale
 from arvision import pipeline
 from arvision.cli.common import config_dir
-from arvision.generators.sampling import top_k_filter, top_p_filter
+from arvision.generators.sampling import top_k_filter, top_p_filter_var
 from arvision.imports.runs import import_official
 from arvision.utils.instantiate import instantiate
 
@@ -163,7 +163,8 @@ class Official:
                        z_channels=TINY["z"], dropout=0.0)
             vae.encoder, vae.decoder = self.Encoder(**net), self.Decoder(**net)
             model = self.FlexVAR(vae_local=vae, num_classes=TINY["num_classes"], depth=TINY["depth"],
-                                 embed_dim=TINY["dim"], num_heads=TINY["heads"], drop_path_rate=0.1 * TINY["depth"] / 24,
+                                 embed_dim=TINY["dim"], num_heads=TINY["heads"],
+                                 drop_path_rate=0.1 * TINY["depth"] / 24,
                                  norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1, attn_l2_norm=True,
                                  patch_nums=PN, flash_if_available=False, fused_if_available=False)
         return vae.eval(), model.eval()
@@ -372,7 +373,8 @@ def compare(official: Official, vae: torch.nn.Module, model: torch.nn.Module, ru
     with HeadCalls(model) as official_calls:
         image, draws = official_sample(official, vae, model, sample_labels, PN, g_seed=SEED, cfg=FLEX_CFG, top_k=1,
                                        top_p=0.0)
-    theirs["greedy tokens, cfg (10 steps)"], theirs["greedy decoded image (10 steps)"] = draws.tokens, image.clamp(-1, 1)
+    theirs["greedy tokens, cfg (10 steps)"] = draws.tokens
+    theirs["greedy decoded image (10 steps)"] = image.clamp(-1, 1)
     with HeadCalls(generator) as calls:
         grid, mine = ours_sample(generator, sample_labels, cfg=cfg, temperature=0.0)
     ours["greedy tokens, cfg (10 steps)"], ours["greedy decoded image (10 steps)"] = mine.tokens, tokenizer.decode(grid)
@@ -415,7 +417,7 @@ def compare(official: Official, vae: torch.nn.Module, model: torch.nn.Module, ru
         official.sample_with_top_k_top_p_(filtered, top_k=top_k, top_p=0.0 if top_p >= 1 else top_p,
                                           rng=torch.Generator().manual_seed(0))
         kept_theirs.append(filtered.isfinite())
-        kept_ours.append(top_p_filter(top_k_filter(sampled_logits, top_k), top_p).isfinite())
+        kept_ours.append(top_p_filter_var(top_k_filter(sampled_logits, top_k), top_p).isfinite())
     theirs["top-k/top-p kept sets"], ours["top-k/top-p kept sets"] = torch.stack(kept_theirs), torch.stack(kept_ours)
 
     check_rows_can_fail(official, vae, model, generator, sample_labels, theirs, settings)

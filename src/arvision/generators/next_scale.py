@@ -62,6 +62,9 @@ is applied to its excess: logits (1 + t_k)·cond − t_k·uncond with t_k = (cfg
 first scale unguided; FlexVAR's capped form for longer schedules, see above), "linear_to_last" or t_k = cfg − 1
 ("constant"). VAR's own `cfg=s` is t at the last scale, so VAR's cfg s is cfg = 1 + s here: its FID setting
 cfg 1.5, top_k 900, top_p 0.96 reads cfg 2.5 here, and FlexVAR's cfg 2.5, top_k 900, top_p 0.95 reads cfg 3.5.
+Each draw applies temperature, top-k, then top-p with VAR's own nucleus rule (`sampling.top_p_filter_var`, the
+one `sample_with_top_k_top_p_` in VAR and FlexVAR computes), from one exponential draw per token as
+`torch.multinomial` does: the same generator state gives VAR's and FlexVAR's tokens.
 
 State-dict keys follow VAR (`class_emb`, `pos_start`, `pos_1LC`, `lvl_embed`, `word_embed`,
 `blocks.{i}.attn.mat_qkv`, `…attn.q_bias`, `…attn.scale_mul_1H11`, `…ffn.fc1`, `blocks.{i}.ada_lin.1`,
@@ -86,7 +89,7 @@ from torch import nn
 from arvision.generators.base import Generator, SamplingCost, TokenEncoding, require
 from arvision.generators.editing import batch_mask, known_on_grid
 from arvision.generators.sampling import (apply_temperature, classifier_free_guidance, linear_cfg_schedule,
-                                         sample_from_logits, top_k_filter, top_p_filter)
+                                         sample_from_logits, top_k_filter, top_p_filter_var)
 from arvision.nn.attention import KVCache, StaticKVCache, flex
 from arvision.nn.graphs import compiled_step, held_static_caches
 from arvision.nn.blocks import DropPath
@@ -670,9 +673,9 @@ class NextScaleGenerator(Generator):
                     logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u
                 top_k_n = self.draw_top_k(n, top_k, greedy_off_grid)
                 idx = sample_from_logits(logits, temperature=temperature, top_k=top_k_n, top_p=top_p,
-                                         generator=generator)
+                                         generator=generator, nucleus=top_p_filter_var)
                 if more_smooth:  # VAR draws the code first (same random stream), then mixes the codebook instead
-                    kept = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+                    kept = top_p_filter_var(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
                     ratio = k / (len(schedule) - 1) if len(schedule) > 1 else 0.0
                     idx = smooth_codes(kept, tokenizer.code_vectors().float(), ratio=ratio, generator=generator)
                 maps.append(idx.unflatten(1, (n, n)))
@@ -716,7 +719,8 @@ class NextScaleGenerator(Generator):
 
         `known_tokens`: the reference images' tokens — VAR mode the K maps of `encode`; FlexVAR mode `encode(images)`
         (one map per side under ground_truth=continuous) or the grid (B, side, side), whose per-scale ground truth
-        is then re-quantised (`quantized_scales`, on the sampling `schedule`, which must end at the grid). `known`: bool mask (B, H, W) or (H, W) at any resolution
+        is then re-quantised (`quantized_scales`, on the sampling `schedule`, which must end at the grid).
+        `known`: bool mask (B, H, W) or (H, W) at any resolution
         (pixels, or the finest token grid); each scale's mask is `editing.known_on_grid(known, n_k)`, so a coarse
         token is known only if its whole cell is. Every scale still runs its forward pass (later scales attend to
         its keys); a scale known in every row is not drawn, others are drawn exactly as in `sample`, so an empty
@@ -764,7 +768,7 @@ class NextScaleGenerator(Generator):
                         logits = classifier_free_guidance(logits[:b], logits[b:], 1.0 + t)  # (1 + t)·c − t·u
                     top_k_n = self.draw_top_k(n, top_k, greedy_off_grid)
                     idx = sample_from_logits(logits, temperature=temperature, top_k=top_k_n, top_p=top_p,
-                                             generator=generator)
+                                             generator=generator, nucleus=top_p_filter_var)
                     idx = torch.where(masks[k], truth[k], idx)  # the zero-shot rule
                 else:
                     idx = truth[k]
