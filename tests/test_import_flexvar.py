@@ -41,13 +41,6 @@ def fixture() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def flexvar_mask(schedule) -> torch.Tensor:
     """FlexVAR's `attn_bias_for_masking` for `schedule`: (1, 1, L, L), 0 where a token may attend, −inf elsewhere."""

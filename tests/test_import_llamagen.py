@@ -25,6 +25,7 @@ from arvision.imports.base import CheckpointMismatch, read_official
 from arvision.imports.runs import export_official, import_official
 from arvision.utils.instantiate import instantiate
 from tests.conftest import REPO, cli_env, compose_import
+from tests.test_pipeline import compose_eval
 
 FIXTURE = REPO / "tests" / "fixtures" / "parity" / "llamagen.pt"
 PRESET = "llamagen_c2i_b_256"
@@ -38,13 +39,6 @@ TINY = ["data=shapes", "data.image_size=16", "data.channels=3", "data.num_classe
         "generator.model.heads=2", "generator.model.ffn_hidden=96"]
 CODEBOOK_USED = "quantize.codebook_used"  # the official-only buffer (65 536 recently used code ids)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------- official-layout files
@@ -134,11 +128,6 @@ def sample_config(*overrides: str):
         return compose(config_name="sample", overrides=list(overrides))
 
 
-def eval_config(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="eval", overrides=list(overrides))
-
 
 def test_import_cli_then_sample_and_eval_the_imported_run(tmp_path, capsys):
     tok_state, gen_state = official_states(tmp_path)
@@ -164,7 +153,7 @@ def test_import_cli_then_sample_and_eval_the_imported_run(tmp_path, capsys):
     assert npz["arr_0"].shape == (8, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
     assert np.bincount(npz["labels"], minlength=4).tolist() == [2, 2, 2, 2]
 
-    evaluate_cli.main.__wrapped__(eval_config(
+    evaluate_cli.main.__wrapped__(compose_eval(
         f"run={run}", f"paths.artifact_dir={tmp_path / 'artifacts'}", f"paths.data_dir={tmp_path / 'data'}",
         "metrics.num_samples=8", "metrics.num_reference=32", "metrics.batch_size=8", "metrics.latency_batch_size=null",
         "metrics.classifier.epochs=0.1", "select=[fid,accuracy,sampling]"))

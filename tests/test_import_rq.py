@@ -28,6 +28,7 @@ from arvision.imports.rq import PADDING, RQCheckpoints
 from arvision.imports.runs import export_official, import_official
 from arvision.utils.instantiate import instantiate
 from tests.conftest import REPO, cli_env, compose_import
+from tests.test_pipeline import compose_eval
 
 FIXTURE = REPO / "tests" / "fixtures" / "parity" / "rq.pt"
 PRESET = "rq_transformer_821m"
@@ -40,13 +41,6 @@ TINY = ["data=shapes", "data.image_size=8", "data.channels=3", "data.num_classes
         "tokenizer.model.vocab_size=64", "tokenizer.model.code_dim=8", "generator.model.dim=32",
         "generator.model.depth=2", "generator.model.head_depth=2", "generator.model.heads=2"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -185,11 +179,6 @@ def sample_config(*overrides: str):
         return compose(config_name="sample", overrides=list(overrides))
 
 
-def eval_config(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="eval", overrides=list(overrides))
-
 
 def test_import_cli_then_sample_and_eval_the_imported_run(fixture, tmp_path, capsys):
     files = write(tmp_path, training_file(fixture["state"]["tokenizer"]),
@@ -215,7 +204,7 @@ def test_import_cli_then_sample_and_eval_the_imported_run(fixture, tmp_path, cap
     assert npz["arr_0"].shape == (10, 8, 8, 3) and npz["arr_0"].dtype == np.uint8
     assert np.bincount(npz["labels"], minlength=10).tolist() == [1] * 10
 
-    evaluate_cli.main.__wrapped__(eval_config(
+    evaluate_cli.main.__wrapped__(compose_eval(
         f"run={run}", f"paths.artifact_dir={tmp_path / 'artifacts'}", f"paths.data_dir={tmp_path / 'data'}",
         "metrics.num_samples=10", "metrics.num_reference=40", "metrics.batch_size=10", "metrics.latency_batch_size=null",
         "metrics.classifier.epochs=0.1", "select=[fid,accuracy,sampling]"))

@@ -40,13 +40,6 @@ def fixture() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write(tmp_path: Path, tokenizer: object, generator: object, names=("vae_ch160v4096z32.pth", "var_d16.pth")
           ) -> tuple[Path, Path]:
