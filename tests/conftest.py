@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,12 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env.update(ARVISION_ROOT=str(tmp_path), ARVISION_ARTIFACTS=str(tmp_path / "artifacts"), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
     return env
+
+
+def run_import_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`arvision-import <args>` in a fresh process rooted in tmp_path (its stdout, stderr and exit status)."""
+    return subprocess.run([sys.executable, "-m", "arvision.cli.imports", *args], capture_output=True, text=True,
+                          env=cli_env(tmp_path), cwd=tmp_path, timeout=300)
 
 
 def untrained_test_loss(cfg: DictConfig, results: dict) -> float:

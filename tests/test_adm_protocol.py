@@ -307,13 +307,21 @@ def test_a_run_is_sampled_class_balanced_and_evaluated_without_building_its_data
 
     monkeypatch.setattr(pipeline, "build_datamodule", no_dataset)
     monkeypatch.setattr(adm, "frechet_distance", lambda samples, reference, **kwargs: 0.5)
+    compared = []
+
+    def precision_recall(reference, samples, **kwargs):  # what the run path hands to the evaluator's P/R
+        compared.append((tuple(reference.shape), tuple(samples.shape)))
+        return 0.25, 0.75
+    monkeypatch.setattr(adm, "precision_recall", precision_recall)
     entry = reevaluate(eval_cfg(f"run={tmp_path / 'run'}", f"reference={reference_path}", "metrics.num_samples=8",
                                 f"metrics.inception_weights={random_inception}", "metrics.batch_size=8",
                                 f"paths.artifact_dir={tmp_path / 'artifacts'}", "device=cpu"))
     assert entry["settings"]["select"] == ["fid", "sfid", "is", "precision", "recall", "sampling"]
     assert entry["metrics"]["fid"]["value"] == 0.5 and entry["metrics"]["fid"]["num_samples"] == 8
     assert entry["metrics"]["sample_img_per_s"]["value"] > 0
-    assert 0 <= entry["metrics"]["precision"]["value"] <= 1 and entry["metrics"]["recall"]["num_reference"] == 5
+    assert compared == [((5, 2048), (8, 2048))]  # the 5 reference images' and the 8 samples' pool_3 features
+    assert entry["metrics"]["precision"]["value"] == 0.25 and entry["metrics"]["recall"]["value"] == 0.75
+    assert entry["metrics"]["recall"]["num_reference"] == 5
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["evaluations"][-1]["reference"]["path"] == str(reference_path)
     # A gray run cannot be compared with an RGB reference batch: one line, not a traceback.

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from arvision.imports.base import CheckpointMismatch, read_official
 from arvision.imports.runs import export_official, import_official
 from arvision.nn.masks import segment_ids
 from arvision.utils.instantiate import instantiate
-from tests.conftest import REPO, cli_env, compose_config, compose_import
+from tests.conftest import REPO, compose_config, compose_import, run_import_cli
 
 FIXTURE = REPO / "tests" / "fixtures" / "parity" / "flexvar.pt"
 PRESET = "flexvar_d16"
@@ -192,10 +190,8 @@ def test_golden_fixture_outputs_equal_the_official_code(tmp_path, fixture, monke
 def test_import_cli_then_sample_and_eval_the_imported_run(tmp_path, fixture, capsys):
     tok, gen = released(tmp_path, fixture)
     run = tmp_path / "imported"
-    done = subprocess.run([sys.executable, "-m", "arvision.cli.imports", f"official={PRESET}",
-                           f"tokenizer_file={tok}", f"generator_file={gen}", *fixture["overrides"], *DATA,
-                           f"hydra.run.dir={run}"],
-                          capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, timeout=300)
+    done = run_import_cli(tmp_path, f"official={PRESET}", f"tokenizer_file={tok}",
+                          f"generator_file={gen}", *fixture["overrides"], *DATA, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr
     assert f"imported official={PRESET}" in done.stdout and f"arvision-sample run={run}" in done.stdout
     record = json.loads((run / "results.json").read_text())
@@ -292,10 +288,8 @@ def test_a_file_of_another_size_is_named_in_one_line_and_nothing_is_written(tmp_
 
     # the command line: one line, non-zero exit
     files = write(tmp_path, {"model": tok_state}, deeper)
-    done = subprocess.run([sys.executable, "-m", "arvision.cli.imports", f"official={PRESET}",
-                           f"tokenizer_file={files[0]}", f"generator_file={files[1]}", *fixture["overrides"],
-                           f"hydra.run.dir={tmp_path / 'cli'}"],
-                          capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, timeout=300)
+    done = run_import_cli(tmp_path, f"official={PRESET}", f"tokenizer_file={files[0]}",
+                          f"generator_file={files[1]}", *fixture["overrides"], f"hydra.run.dir={tmp_path / 'cli'}")
     errors = [line for line in done.stderr.splitlines() if line.startswith("arvision:")]
     assert done.returncode != 0 and errors == [f"arvision: error: {message}"]
     assert not (tmp_path / "cli" / "results.json").exists()

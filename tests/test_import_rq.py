@@ -6,8 +6,6 @@ settings."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from arvision.imports.base import CheckpointMismatch, read_official
 from arvision.imports.rq import PADDING, RQCheckpoints
 from arvision.imports.runs import export_official, import_official
 from arvision.utils.instantiate import instantiate
-from tests.conftest import REPO, cli_env, compose_import
+from tests.conftest import REPO, compose_import, run_import_cli
 from tests.test_pipeline import compose_eval
 
 FIXTURE = REPO / "tests" / "fixtures" / "parity" / "rq.pt"
@@ -184,9 +182,8 @@ def test_import_cli_then_sample_and_eval_the_imported_run(fixture, tmp_path, cap
     files = write(tmp_path, training_file(fixture["state"]["tokenizer"]),
                   training_file(fixture["state"]["generator"]))
     run = tmp_path / "imported"
-    done = subprocess.run([sys.executable, "-m", "arvision.cli.imports", f"official={PRESET}",
-                           f"tokenizer_file={files[0]}", f"generator_file={files[1]}", *TINY, f"hydra.run.dir={run}"],
-                          capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, timeout=300)
+    done = run_import_cli(tmp_path, f"official={PRESET}", f"tokenizer_file={files[0]}",
+                          f"generator_file={files[1]}", *TINY, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr
     assert f"imported official={PRESET}" in done.stdout and f"arvision-sample run={run}" in done.stdout
     record = json.loads((run / "results.json").read_text())
@@ -280,10 +277,8 @@ def test_a_file_of_another_size_is_named_in_one_line_and_nothing_is_written(fixt
 
     # the command line: one line, non-zero exit
     files = write(tmp_path, training_file(tok_state), training_file(deeper))
-    done = subprocess.run([sys.executable, "-m", "arvision.cli.imports", f"official={PRESET}",
-                           f"tokenizer_file={files[0]}", f"generator_file={files[1]}", *TINY,
-                           f"hydra.run.dir={tmp_path / 'cli'}"],
-                          capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, timeout=300)
+    done = run_import_cli(tmp_path, f"official={PRESET}", f"tokenizer_file={files[0]}",
+                          f"generator_file={files[1]}", *TINY, f"hydra.run.dir={tmp_path / 'cli'}")
     errors = [line for line in done.stderr.splitlines() if line.startswith("arvision:")]
     assert done.returncode != 0 and errors == [f"arvision: error: {message}"]
     assert not (tmp_path / "cli" / "results.json").exists()
