@@ -9,6 +9,8 @@ discovered with `hasattr`. A generator module subclasses `Generator` and provide
 - `sample(labels, *, cfg, generator, **sampling) -> tokens` in the tokenizer's layout;
 - `sampling_cost(**sampling) -> SamplingCost`: a pure function of the same settings as `sample`;
 - optionally `supports_editing = True` with `edit(...)`, and `no_weight_decay()`;
+- optionally `set_progress(step=, total_steps=)` when training follows a schedule over the run (RAR's order
+  annealing): the training task calls it before every step's loss;
 - optionally `token_encoding` / `encode` when it trains on more than the tokenizer's tokens (FlexVAR's per-scale
   ground truth quantised from the continuous latent): the token cache, the test loss and editing read them.
 """
@@ -138,6 +140,11 @@ class Generator(nn.Module):
         """Tokens for `labels` that keep `known_tokens` where `known` is True and sample the rest (zero-shot
         in-/out-painting); only generators that set `supports_editing` implement it."""
         raise NotImplementedError(f"generator={self.name} has no zero-shot editing")
+
+    def set_progress(self, *, step: int, total_steps: int) -> None:
+        """Called by the training task before each step's `loss`: `step` optimizer steps of `total_steps` are done
+        (a resumed run is told its restored step, so a schedule resumes with it). For generators whose training
+        follows a schedule over the run (RAR's order annealing in `raster`); the others ignore it."""
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the optimiser must not decay (timm's convention: positions, tables, scales)."""

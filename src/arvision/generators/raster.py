@@ -25,6 +25,17 @@ Module names follow LlamaGen (`tok_embeddings`, `cls_embedding.embedding_table`,
 …, `norm`, `output`) and the 2D RoPE matches theirs, so their c2i weights load by key, strictly (their `freqs_cis`
 is not in the state dict): `arvision-import official=llamagen_c2i_…`, parity in experiments/parity/llamagen.py.
 
+RAR (`order="random"` or `"annealed"`, with `target_aware=True`; `conf/paradigm/rar.yaml`): training feeds each
+sequence in a random order with probability r and in raster order otherwise, r going 1 → 0 over the run as RAR's
+`get_rar_random_ratio` (1 before `anneal_start`·max_steps, linear to 0 at `anneal_end`·max_steps, 0 after; the
+training task tells the generator its step through `set_progress`). A token keeps its own position (its RoPE angle,
+or its learned row) wherever it sits in the order, and each slot adds the learned `target_aware_pos_embed` row of
+the position it must predict (RAR's target-aware positional embedding: slot s, fed the token of position o_{s−1},
+adds row o_s; the class slot adds row o_0). The loss is the cross-entropy on the targets in that order. Sampling is
+always raster (r = 0): slot s adds row s, so the KV cache, `static_step` and the compiled step need nothing else.
+The orders are drawn from the torch RNG of the tokens' device, as dropout is: a resumed CPU run draws the same ones.
+`target_aware_pos_embed` row p is RAR's `target_aware_pos_embed[0, 2 + p]` (RAR keeps two prefix rows).
+
 Sampling decodes slot by slot against per-layer KV caches, in one of three ways that compute the same function
 (`sample(decode=…)`): `eager` appends to growing caches (`decode`); `static` runs `static_step`, whose shapes never
 change (preallocated `StaticKVCache`s, attention over all N slots with a position mask, the slot index a tensor);
@@ -56,6 +67,7 @@ DEPTH_MODES = ("flatten", "head")
 DECODE_MODES = ("eager", "static", "compiled")
 POSITIONS = ("rope", "learned")
 CODE_EMBEDDINGS = ("tokenizer", "learned")
+ORDERS = ("raster", "random", "annealed")  # training orders; sampling is raster
 SOFT_TARGETS = 0.5  # the RQ-Transformer's soft-target temperature (its configs' `loss.temp`), the default
 NUCLEI = {"llamagen": top_p_filter_llamagen, "rq": top_p_filter_rq}  # top_p_rule → the nucleus filter
 
@@ -66,6 +78,25 @@ def level_code_ids(codes: torch.Tensor, level: torch.Tensor | int, vocab_size: i
     """Embedding rows of `codes` drawn at `level`: with one codebook per RVQ depth, code k of depth d is row
     d·vocab + k (depths are different codes); with a shared codebook the ids are the rows."""
     return codes + level * vocab_size if per_level else codes
+
+
+def random_order_ratio(step: float, *, start: float, end: float) -> float:
+    """RAR's r at training step `step`, the probability of a random order: 1 before `start`, 1 → 0 linearly from
+    `start` to `end`, 0 from `end` on (RAR's `get_rar_random_ratio`; with start = end a switch at that step)."""
+    if step < start:
+        return 1.0
+    if step >= end:
+        return 0.0
+    return 1.0 - (step - start) / (end - start)
+
+
+def draw_orders(batch: int, length: int, ratio: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """(batch, length) long: each row a uniformly random permutation of 0 … length − 1 with probability `ratio`,
+    else 0, 1, …, length − 1 (RAR's `sample_orders`, drawn as tensors: one coin and one permutation per row, the
+    permutation the argsort of uniform noise, so the draw never reads anything back to the host)."""
+    coin = torch.rand(batch, 1, device=device) < ratio
+    shuffled = torch.rand(batch, length, device=device).argsort(dim=1)
+    return torch.where(coin, shuffled, torch.arange(length, device=device))
 
 
 def guided_token(t: int, cfg_interval: int) -> bool:
@@ -159,17 +190,27 @@ class RasterGenerator(Generator):
                  class_dropout: float = 0.1, rope_base: float = 10000.0, norm_eps: float = 1e-5,
                  depth_mode: str = "flatten", head_depth: int = 2, block: str = "llama", positions: str = "rope",
                  null_class: bool = True, code_embeddings: str = "tokenizer", soft_targets: float = SOFT_TARGETS,
-                 stochastic_codes: bool = True) -> None:
+                 stochastic_codes: bool = True, order: str = "raster", anneal_start: float = 0.5,
+                 anneal_end: float = 0.75, target_aware: bool = False) -> None:
         super().__init__()
         require(spec, generator="raster", ok=spec.kind == "discrete" and spec.layout in ("grid", "depth"),
                 needs="a discrete grid or residual tokenizer (tokenizer=vq or tokenizer=rvq)")
         for key, value, allowed in (("depth_mode", depth_mode, DEPTH_MODES), ("block", block, BLOCK_STYLES),
                                     ("positions", positions, POSITIONS),
-                                    ("code_embeddings", code_embeddings, CODE_EMBEDDINGS)):
+                                    ("code_embeddings", code_embeddings, CODE_EMBEDDINGS), ("order", order, ORDERS)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         if soft_targets < 0:
             raise ValueError(f"soft_targets (a temperature; 0 = hard targets) must be ≥ 0, got {soft_targets}")
+        if not 0.0 <= anneal_start <= anneal_end <= 1.0:
+            raise ValueError(f"anneal_start and anneal_end are fractions of the training steps with 0 ≤ start ≤ end "
+                             f"≤ 1, got anneal_start={anneal_start}, anneal_end={anneal_end}")
+        if order != "raster":
+            require(spec, generator=f"raster with order={order}", ok=spec.layout == "grid",
+                    needs="a tokenizer with one token per grid position (tokenizer=vq, fsq or lfq)")
+            if not target_aware:
+                raise ValueError(f"order={order} needs target_aware=true: in a random order the model must be told "
+                                 "which position each slot predicts (RAR's target-aware positional embedding)")
         assert spec.vocab_size is not None  # guaranteed for discrete specs
         self.spec, self.num_classes = spec, num_classes
         self.levels = spec.depth if spec.layout == "depth" else 1
@@ -182,6 +223,12 @@ class RasterGenerator(Generator):
         self.tokenizer_codes = head and code_embeddings == "tokenizer"
         self.soft_targets = soft_targets if head else 0.0
         self.stochastic_codes = stochastic_codes
+        self.order, self.anneal_start, self.anneal_end = order, anneal_start, anneal_end
+        # r, the probability of a random order in this training step (set by `set_progress`): a tensor, so that a
+        # compiled loss reads its value rather than being recompiled for each new one; not saved (a function of
+        # the step)
+        ratio = {"raster": 0.0, "random": 1.0, "annealed": random_order_ratio(0, start=anneal_start, end=anneal_end)}
+        self.register_buffer("random_ratio", torch.tensor(ratio[order]), persistent=False)
 
         self.cls_embedding = LabelEmbedding(num_classes, dim, dropout=class_dropout, null_class=null_class)
         # RVQ with one codebook per depth: code k of depth d is another code than k of depth d′, so each depth gets
@@ -195,6 +242,9 @@ class RasterGenerator(Generator):
         self.depth_embeddings = nn.Embedding(self.levels, dim) if flat_depth else None
         if positions == "learned":  # slot s adds row s; the last row is the unused position of the last token
             self.pos_embeddings = nn.Parameter(torch.empty(self.seq_len + 1, dim))
+        self.target_aware = target_aware
+        if target_aware:  # row p: "this slot predicts the token at position p" (RAR)
+            self.target_aware_pos_embed = nn.Parameter(torch.empty(self.seq_len, dim))
         self.tok_dropout = nn.Dropout(token_dropout)
         # stochastic depth grows with depth, as in LlamaGen (on the CPU: the model may be built on the meta device)
         rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
@@ -226,6 +276,8 @@ class RasterGenerator(Generator):
         self.apply(self._init_weights)
         if positions == "learned":
             nn.init.normal_(self.pos_embeddings, std=0.02)
+        if target_aware:
+            nn.init.trunc_normal_(self.target_aware_pos_embed, std=0.02)  # as RAR's
         # start from the uniform distribution over the vocabulary
         nn.init.zeros_(self.depth_head.output.weight if head else self.output.weight)
 
@@ -281,17 +333,29 @@ class RasterGenerator(Generator):
         """The depth head's input after the known codes (M, d′) of one position: p(v_1 + … + v_d′) (M, 1, dim)."""
         return self.depth_head.project(self.head_vectors(codes).cumsum(dim=1)[:, -1:])
 
-    def decode(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, *, start: int = 0, caches: list[KVCache] | None = None,
+               orders: torch.Tensor | None = None) -> torch.Tensor:
         """Run input slots start … start + n − 1 (x: (B, n, dim)) → logits (B, n, vocab) in fp32 (with a depth
         head: the spatial context (B, n, dim) for the head instead).
 
         Without caches `start` must be 0 and x is the whole prefix; with caches (one per layer, see `new_caches`)
-        the earlier slots are read from them and these are appended.
+        the earlier slots are read from them and these are appended. `orders` (B, N) (training in a drawn order,
+        the whole sequence, no caches): slot s holds the token of position orders[:, s − 1] and predicts the one at
+        orders[:, s]; None is the raster order.
         """
+        if orders is None:  # slot s holds the token of position s − 1 (the class at 0) and predicts position s
+            slots: slice | torch.Tensor = slice(start, start + x.shape[1])
+            targets: slice | torch.Tensor = slots
+        elif start or caches is not None:
+            raise ValueError("a drawn order runs the whole teacher-forced sequence, without caches")
+        else:  # per row and slot, the row of the position tables: 0 for the class, 1 + the held token's position
+            slots, targets = torch.cat([torch.zeros_like(orders[:, :1]), orders[:, :-1] + 1], dim=1), orders
         if self.rope is None:  # learned absolute positions, added to the input (RQ-Transformer)
-            rope, x = None, x + self.pos_embeddings[start:start + x.shape[1]]
-        else:
-            rope = self.rope[start:start + x.shape[1]]
+            rope, x = None, x + self.pos_embeddings[slots]
+        else:  # in a drawn order one table per row, (B, 1, n, ·, 2): `apply_rope` broadcasts it over the heads
+            rope = self.rope[slots] if orders is None else self.rope[slots][:, None]
+        if self.target_aware:
+            x = x + self.target_aware_pos_embed[targets]
         x = self.tok_dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope=rope, cache=None if caches is None else caches[i], is_causal=True)
@@ -318,12 +382,16 @@ class RasterGenerator(Generator):
             return rearrange(seq, "b (h w d) -> b h w d", h=h, w=w)
         return rearrange(seq, "b (h w) -> b h w", h=h, w=w)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, N, vocab); position t predicts token t from the class and tokens < t (with a
-        depth head: (B, h·w, D, vocab), code d of position t predicted from positions < t and codes < d of t)."""
+        depth head: (B, h·w, D, vocab), code d of position t predicted from positions < t and codes < d of t).
+        With `orders` (B, N) (RAR, see `decode`) slot s predicts the token at position orders[:, s] from the class
+        and the tokens at orders[:, :s]: the logits are in that order."""
         seq = self.flatten(tokens)
+        if orders is not None:
+            seq = seq.gather(1, orders)
         x = torch.cat([self.cls_embedding(labels)[:, None], self.embed_tokens(seq[:, :-1])], dim=1)
-        out = self.decode(x)
+        out = self.decode(x, orders=orders)
         if self.depth_mode == "flatten":
             return out
         b = seq.shape[0]
@@ -345,11 +413,26 @@ class RasterGenerator(Generator):
             loss = soft_cross_entropy(logits, rearrange(soft, "b h w d k -> b (h w) d k"))
             targets = self.flatten(codes)
         else:
-            logits = self(tokens, labels)
-            targets = self.flatten(tokens)
+            orders = self.training_orders(tokens)
+            logits = self(tokens, labels, orders)
+            targets = self.flatten(tokens) if orders is None else self.flatten(tokens).gather(1, orders)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.flatten())
         accuracy = (logits.argmax(dim=-1) == targets).float().mean()
         return {"loss": loss, "accuracy": accuracy.detach()}
+
+    def training_orders(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The orders (B, N) of this training step (RAR), or None for the raster order: always None for
+        order=raster and in eval mode (the test loss scores the raster order that sampling uses)."""
+        if self.order == "raster" or not self.training:
+            return None
+        return draw_orders(tokens.shape[0], self.seq_len, self.random_ratio, tokens.device)
+
+    def set_progress(self, *, step: int, total_steps: int) -> None:
+        """RAR's annealing (order=annealed): r = `random_order_ratio` at this step, the boundaries anneal_start and
+        anneal_end times `total_steps`. Written into the `random_ratio` buffer in place."""
+        if self.order == "annealed":
+            self.random_ratio.fill_(random_order_ratio(step, start=self.anneal_start * total_steps,
+                                                       end=self.anneal_end * total_steps))
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
@@ -361,6 +444,8 @@ class RasterGenerator(Generator):
             rope, x = None, x + self.pos_embeddings.index_select(0, positions)
         else:
             rope = self.rope.index_select(0, positions)
+        if self.target_aware:  # slot t predicts position t
+            x = x + self.target_aware_pos_embed.index_select(0, positions)
         mask = position_mask(positions, self.seq_len)
         x = self.tok_dropout(x)
         for layer, cache in zip(self.layers, caches):

@@ -62,6 +62,7 @@ class GeneratorTask(ResumableTask):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         tokens, labels = batch
+        self.generator.set_progress(step=self.global_step, total_steps=self.max_steps)
         out = self.loss_fn()(tokens, labels)
         loss = out["loss"]
         if not math.isfinite(loss.item()):
