@@ -359,3 +359,136 @@ class GaussianDiffusion:
 
     def evaluations(self, *, sampler: str = "dpm_solver_pp_2m", steps: int = 25) -> int:
         return steps
+
+
+# --- DDPM with learned variance (IDDPM / ADM; MAR's DiffLoss) ---------------------------------------------------------
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """IDDPM's respacing with one section (`timestep_respacing="100"`): `steps` of the timesteps 0 … T − 1 at the
+    fractional stride (T − 1)/(steps − 1), each rounded (Python's round); 0 and T − 1 are always kept."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"need 1 <= sampling steps <= {num_timesteps}, got {steps}")
+    stride = 1.0 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
+    return [round(k * stride) for k in range(steps)]
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """−log P(x) in nats of N(mean, exp(log_scale)²) integrated over the bin x ± 1/255, with the tails beyond ±0.999
+    open (ADM's decoder term at t = 0, which MAR applies to latents unchanged)."""
+    centered, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_probs = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                            torch.where(x > 0.999, (1.0 - cdf_min).clamp(min=1e-12).log(),
+                                        (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return -log_probs
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).pow(2) * torch.exp(-logvar2))
+
+
+class LearnedVarianceDiffusion:
+    """IDDPM's Gaussian diffusion with ε-prediction and a learned variance (`LEARNED_RANGE`), as MAR's DiffLoss.
+
+    The network outputs 2·C channels per row: ε̂ and v ∈ [−1, 1]; the reverse variance is
+    log σ² = ½(v + 1)·log β_t + (1 − ½(v + 1))·log β̃_t (β̃ the posterior variance, its t = 0 value replaced by
+    t = 1's). Training loss per row: mean_C (ε − ε̂)² + L_vb, where L_vb is KL(q(x_{t−1}|x_t, x0) ‖ p(x_{t−1}|x_t))
+    in bits (mean over C), or the discretised decoder NLL at t = 0, with the mean from a *detached* ε̂ (the VLB
+    trains the variance only). `timesteps` keeps a subset of the T training steps (IDDPM's respacing): β's are
+    recomputed from the kept ᾱ's and the network sees the original timestep numbers. Sampling is ancestral:
+    x_{t−1} = μ + exp(½ log σ²)·z·τ (τ the temperature), no noise on the last step, no clipping.
+    """
+
+    def __init__(self, *, num_train_timesteps: int = 1000, beta_schedule: str = "cosine",
+                 timesteps: Sequence[int] | None = None) -> None:
+        base = torch.cumprod(1 - betas_for(beta_schedule, num_train_timesteps), dim=0).tolist()
+        self.timestep_map = list(timesteps) if timesteps is not None else list(range(num_train_timesteps))
+        betas, last = [], 1.0
+        for t in self.timestep_map:
+            betas.append(1 - base[t] / last)
+            last = base[t]
+        b = torch.tensor(betas, dtype=torch.float64)
+        alpha_bar = torch.cumprod(1 - b, dim=0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        posterior_var = b * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        self.num_timesteps = len(betas)
+        self.tables = {  # float64 host tables, indexed by the (respaced) step index
+            "sqrt_alpha_bar": alpha_bar.sqrt(), "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
+            "sqrt_recip_alpha_bar": (1 / alpha_bar).sqrt(), "sqrt_recipm1_alpha_bar": (1 / alpha_bar - 1).sqrt(),
+            "posterior_log_var": torch.cat([posterior_var[1:2], posterior_var[1:]]).log()
+            if len(betas) > 1 else torch.zeros(1, dtype=torch.float64),
+            "log_beta": b.log(),
+            "coef_x0": b * alpha_bar_prev.sqrt() / (1 - alpha_bar),
+            "coef_xt": (1 - alpha_bar_prev) * (1 - b).sqrt() / (1 - alpha_bar),
+        }
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _at(self, name: str, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.device)
+        if key not in self._on_device:
+            self._on_device[key] = self.tables[name].to(like.device, torch.float32)
+        return _per_sample(self._on_device[key][index], like)
+
+    def model_timesteps(self, index: torch.Tensor) -> torch.Tensor:
+        """The original timestep numbers the network embeds, for step indices `index`."""
+        return torch.tensor(self.timestep_map, device=index.device)[index]
+
+    def sample_t(self, n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+        """Step indices ~ U{0, …, num_timesteps − 1}, LongTensor (n,)."""
+        return torch.randint(0, self.num_timesteps, (n,), device=device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._at("sqrt_alpha_bar", t, x0) * x0 + self._at("sqrt_one_minus_alpha_bar", t, x0) * noise
+
+    def p_mean_log_var(self, output: torch.Tensor, x_t: torch.Tensor,
+                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reverse step's mean and log-variance from the network output (rows, 2C) at x_t (rows, C)."""
+        eps, v = output.split(x_t.shape[-1], dim=-1)
+        frac = (v + 1) / 2
+        log_var = frac * self._at("log_beta", t, x_t) + (1 - frac) * self._at("posterior_log_var", t, x_t)
+        x0 = self._at("sqrt_recip_alpha_bar", t, x_t) * x_t - self._at("sqrt_recipm1_alpha_bar", t, x_t) * eps
+        return self.posterior_mean(x0, x_t, t), log_var
+
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._at("coef_x0", t, x_t) * x0 + self._at("coef_xt", t, x_t) * x_t
+
+    def loss_terms(self, output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
+                   t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mse, vb) per row (rows,): the ε-MSE and the variational term in bits (see the class docstring)."""
+        channels = x0.shape[-1]
+        mse = (noise - output[..., :channels]).pow(2).mean(dim=-1)
+        frozen = torch.cat([output[..., :channels].detach(), output[..., channels:]], dim=-1)
+        mean, log_var = self.p_mean_log_var(frozen, x_t, t)
+        true_mean = self.posterior_mean(x0, x_t, t)
+        kl = normal_kl(true_mean, self._at("posterior_log_var", t, x_t), mean, log_var).mean(dim=-1) / math.log(2.0)
+        nll = discretized_gaussian_nll(x0, mean, 0.5 * log_var).mean(dim=-1) / math.log(2.0)
+        return mse, torch.where(t == 0, nll, kl)
+
+    def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
+               step_noise: NoiseSource = None, generator: torch.Generator | None = None) -> Sampled:
+        """Ancestral sampling over every kept step, from x = noise (rows, C). `model_fn(x, timesteps)` gets the
+        original timestep numbers and returns (rows, 2C); with cfg ≠ 1 it gets [x; x] (2·rows) and returns
+        [cond; uncond]: ε is guided, uncond + cfg·(cond − uncond), the variance is the conditional rows' (MAR)."""
+        x, channels = noise, noise.shape[-1]
+        for i, step in enumerate(reversed(range(self.num_timesteps))):
+            index = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+            timesteps = torch.full_like(index, self.timestep_map[step])
+            if cfg == 1.0:
+                output = model_fn(x, timesteps)
+            else:
+                cond, uncond = model_fn(torch.cat([x, x]), torch.cat([timesteps, timesteps])).chunk(2)
+                eps = uncond[..., :channels] + cfg * (cond[..., :channels] - uncond[..., :channels])
+                output = torch.cat([eps, cond[..., channels:]], dim=-1)
+            mean, log_var = self.p_mean_log_var(output.float(), x.float(), index)
+            x = mean
+            if step > 0:
+                x = x + torch.exp(0.5 * log_var) * _noise_at(step_noise, i, mean, generator) * temperature
+            x = x.to(noise.dtype)
+        return Sampled(x, self.num_timesteps)
