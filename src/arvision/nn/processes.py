@@ -487,8 +487,7 @@ class LearnedVarianceDiffusion:
                 eps = uncond[..., :channels] + cfg * (cond[..., :channels] - uncond[..., :channels])
                 output = torch.cat([eps, cond[..., channels:]], dim=-1)
             mean, log_var = self.p_mean_log_var(output.float(), x.float(), index)
-            x = mean
-            if step > 0:
-                x = x + torch.exp(0.5 * log_var) * _noise_at(step_noise, i, mean, generator) * temperature
-            x = x.to(noise.dtype)
+            # drawn at t = 0 too and for both CFG halves, as MAR (its 2·rows chain): the same random stream
+            z = _noise_at(step_noise, i, torch.cat([mean, mean]) if cfg != 1.0 else mean, generator)[: mean.shape[0]]
+            x = (mean + torch.exp(0.5 * log_var) * z * temperature if step > 0 else mean).to(noise.dtype)
         return Sampled(x, self.num_timesteps)
