@@ -85,6 +85,7 @@ def test_data_configs_build_a_datamodule_with_its_declared_shape(data, tmp_path)
 # at construction, before any training. FlexVAR is next_scale with residual=false.
 PAIRS = {  # tokenizer: raster, next_scale (VAR), next_scale (FlexVAR), flowar, acdit
     "fsq": ("ok", "--", "--", "--", "--"),
+    "kl16": ("--", "--", "--", "ok", "ok"),
     "lfq": ("ok", "--", "--", "--", "--"),
     "msvq": ("--", "ok", "--", "--", "--"),
     "rvq": ("ok", "--", "--", "--", "--"),

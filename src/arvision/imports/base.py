@@ -196,6 +196,11 @@ class OfficialFamily:
     generator_keys: ClassVar[tuple[str, ...]] = ("model", "state_dict")
     ema_keys: ClassVar[tuple[str, ...]] = ("ema",)  # where EMA weights sit, read first when the import asks for EMA
 
+    def read_tokenizer(self, path: str | os.PathLike) -> tuple[StateDict, str]:
+        """(the official tokenizer state dict, where it sat in the file). Override for files `torch.load` does
+        not read (a diffusers folder's safetensors)."""
+        return find_state_dict(read_official(path), path, self.tokenizer_keys)
+
     def tokenizer_names(self, tokenizer: torch.nn.Module) -> StateMap:
         raise NotImplementedError
 

@@ -10,6 +10,8 @@ loads the official tensors into them strictly through the family's name map, and
   `imported`: the family, preset, each file's path, sha256 and layout, the published numbers and the CFG convention.
 
 `arvision-sample`, `arvision-eval`, editing and `arvision-table` read that folder as any other run.
+A preset without a generator file (`official.files.generator: null`, e.g. official=mar_kl16) imports the tokenizer
+alone: the artifact and a `results.json` with `generator: null`, as a stage-1 run (train_generator=false) writes.
 `export_official(run, out)` (arvision-export) writes the official files back from such a folder: the same tensors
 under the same names in the same top-level layout (training-only entries such as optimiser state and pickled
 `args` are not carried).
@@ -69,10 +71,15 @@ def _file(cfg: DictConfig, key: str) -> Path:
     return path
 
 
+def tokenizer_only(cfg: DictConfig) -> bool:
+    """The preset releases a tokenizer and no generator (`official.files.generator: null`)."""
+    return cfg.official.get("files") is not None and cfg.official.files.get("generator") is None
+
+
 def check_models(cfg: DictConfig) -> None:
     """The preset's model keys against the constructors they fill, before any file is read."""
     try:
-        for group in ("tokenizer", "generator"):
+        for group in ("tokenizer",) if tokenizer_only(cfg) else ("tokenizer", "generator"):
             model = cfg[group].model
             check_model_keys(check_target(model._target_), OmegaConf.to_container(model, resolve=True),
                              where=f"{group}.model", supplied=pipeline.SUPPLIED_AT_RUN_TIME[group])
@@ -84,7 +91,9 @@ def import_official(cfg: DictConfig, run_dir: Path) -> Imported:
     started = time.perf_counter()
     family = family_of(cfg)
     preset = str(cfg.official.name)
-    tokenizer_path, generator_path = _file(cfg, "tokenizer_file"), _file(cfg, "generator_file")
+    alone = tokenizer_only(cfg)
+    tokenizer_path = _file(cfg, "tokenizer_file")
+    generator_path = None if alone else _file(cfg, "generator_file")
     check_models(cfg)
     if (run_dir / "results.json").exists():
         raise ImportError_(f"{run_dir} already holds a run; import into a new directory (hydra.run.dir=<new dir>)")
@@ -92,23 +101,26 @@ def import_official(cfg: DictConfig, run_dir: Path) -> Imported:
     # Build and fill both models before anything is written, so a file that does not fit leaves nothing behind.
     dm_shape = {"image_size": int(cfg.data.image_size), "image_channels": int(cfg.data.channels)}
     tokenizer = instantiate(cfg.tokenizer.model, **dm_shape)
-    official_tok, tok_layout = find_state_dict(read_official(tokenizer_path), tokenizer_path, family.tokenizer_keys)
+    official_tok, tok_layout = family.read_tokenizer(tokenizer_path)
     tok_state, tok_extras = family.tokenizer_to_ours(official_tok, tokenizer)
     fit(tokenizer, tok_state, path=tokenizer_path, preset=preset, official_names=family.tokenizer_names(tokenizer))
     tokenizer.eval().requires_grad_(False)
-
-    generator = instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=int(cfg.data.num_classes))
-    generator.attach_tokenizer(tokenizer)
-    gen_keys = (*family.ema_keys, *family.generator_keys) if cfg.get("ema", True) else family.generator_keys
-    official_gen, gen_layout = find_state_dict(read_official(generator_path), generator_path, gen_keys)
-    gen_state, gen_extras = family.generator_to_ours(official_gen, generator)
-    fit(generator, gen_state, path=generator_path, preset=preset, official_names=family.generator_names(generator))
-    del official_tok, official_gen
-
+    del official_tok
     files = {"tokenizer": {"path": str(tokenizer_path.resolve()), "sha256": file_sha256(tokenizer_path),
-                           "layout": tok_layout},
-             "generator": {"path": str(generator_path.resolve()), "sha256": file_sha256(generator_path),
-                           "layout": gen_layout}}
+                           "layout": tok_layout}}
+
+    generator = None
+    if generator_path is not None:
+        generator = instantiate(cfg.generator.model)(spec=tokenizer.spec, num_classes=int(cfg.data.num_classes))
+        generator.attach_tokenizer(tokenizer)
+        gen_keys = (*family.ema_keys, *family.generator_keys) if cfg.get("ema", True) else family.generator_keys
+        official_gen, gen_layout = find_state_dict(read_official(generator_path), generator_path, gen_keys)
+        gen_state, gen_extras = family.generator_to_ours(official_gen, generator)
+        fit(generator, gen_state, path=generator_path, preset=preset,
+            official_names=family.generator_names(generator))
+        del official_gen
+        files["generator"] = {"path": str(generator_path.resolve()), "sha256": file_sha256(generator_path),
+                              "layout": gen_layout}
     tokenizer_config = OmegaConf.to_container(cfg.tokenizer.model, resolve=True)
     cache = ArtifactCache(cfg.paths.artifact_dir)
     key = config_hash("official-tokenizer", files["tokenizer"]["sha256"], tokenizer_config, dm_shape)
@@ -124,13 +136,16 @@ def import_official(cfg: DictConfig, run_dir: Path) -> Imported:
 
     tokenizer_dir = cache.get_or_build("tokenizer", key, build)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = generator.state_dict()
-    torch.save({"generator": state, "ema": state, "config": OmegaConf.to_container(cfg.generator.model, resolve=True),
-                "num_classes": int(cfg.data.num_classes), "official_extras": gen_extras}, run_dir / "generator.pt")
+    if generator is not None:
+        state = generator.state_dict()
+        torch.save({"generator": state, "ema": state,
+                    "config": OmegaConf.to_container(cfg.generator.model, resolve=True),
+                    "num_classes": int(cfg.data.num_classes), "official_extras": gen_extras}, run_dir / "generator.pt")
     official = OmegaConf.to_container(cfg.official, resolve=True)
     record = RunRecord(
         run_dir=str(run_dir), started=now(), choices=pipeline.group_choices(), overrides=pipeline.task_overrides(),
-        tokenizer=cfg.tokenizer.name, generator=cfg.generator.name, data=cfg.data.name, seed=cfg.seed,
+        tokenizer=cfg.tokenizer.name, generator=None if generator is None else cfg.generator.name,
+        data=cfg.data.name, seed=cfg.seed,
         tags=[*cfg.get("tags", []), "imported", preset], config=OmegaConf.to_container(cfg, resolve=True),
         versions=versions(), git_sha=git_sha(), feature_extractor={}, metrics={},
         costs={"total_seconds": time.perf_counter() - started}, tokenizer_artifact=str(tokenizer_dir),
@@ -140,6 +155,11 @@ def import_official(cfg: DictConfig, run_dir: Path) -> Imported:
                   "source": official.get("source")},
         finished=now())
     write_results(run_dir, record)
+    if generator is None:
+        params = sum(p.numel() for p in tokenizer.parameters()) / 1e6
+        return Imported(run_dir=run_dir, tokenizer_artifact=tokenizer_dir,
+                        message=f"imported official={preset} ({params:.1f}M-parameter tokenizer, no generator) into "
+                                f"{run_dir}; its tokenizer artifact: {tokenizer_dir}")
     params = sum(p.numel() for p in generator.parameters()) / 1e6
     return Imported(run_dir=run_dir, tokenizer_artifact=tokenizer_dir,
                     message=f"imported official={preset} ({params:.1f}M-parameter generator) into {run_dir}; "
@@ -155,14 +175,16 @@ def export_official(run_dir: Path, out_dir: Path) -> list[Path]:
                            "arvision-export writes back what arvision-import read")
     cfg = OmegaConf.create(record["config"])
     family = family_of(cfg)
-    tok_blob = load_weights(Path(record["tokenizer_artifact"]) / "tokenizer.pt")
-    gen_blob = load_weights(run_dir / "generator.pt")
-    run = pipeline.load_run(run_dir)
+    tokenizer_dir = Path(record["tokenizer_artifact"])
+    parts = [("tokenizer", pipeline.load_tokenizer(tokenizer_dir), load_weights(tokenizer_dir / "tokenizer.pt"),
+              "state_dict")]
+    if "generator" in imported["files"]:
+        run = pipeline.load_run(run_dir)
+        parts.append(("generator", run.generator, load_weights(run_dir / "generator.pt"), "ema"))
     files = OmegaConf.to_container(cfg.official.files, resolve=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for kind, model, blob, key in (("tokenizer", run.tokenizer, tok_blob, "state_dict"),
-                                   ("generator", run.generator, gen_blob, "ema")):
+    for kind, model, blob, key in parts:
         convert = family.tokenizer_to_official if kind == "tokenizer" else family.generator_to_official
         wrap = family.tokenizer_file if kind == "tokenizer" else family.generator_file
         state = convert(blob[key], blob.get("official_extras", {}), model)
