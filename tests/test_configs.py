@@ -83,16 +83,17 @@ def test_data_configs_build_a_datamodule_with_its_declared_shape(data, tmp_path)
 
 # Which generator models which tokenizer's tokens (DESIGN.md's matrix); "--" = rejected with IncompatibleTokenizer
 # at construction, before any training. FlexVAR is next_scale with residual=false.
-PAIRS = {  # tokenizer: raster, next_scale (VAR), next_scale (FlexVAR), flowar, acdit
-    "fsq": ("ok", "--", "--", "--", "--"),
-    "kl16": ("--", "--", "--", "ok", "ok"),
-    "lfq": ("ok", "--", "--", "--", "--"),
-    "msvq": ("--", "ok", "--", "--", "--"),
-    "rvq": ("ok", "--", "--", "--", "--"),
-    "vae": ("--", "--", "--", "ok", "ok"),
-    "vq": ("ok", "--", "ok", "--", "--"),
+PAIRS = {  # tokenizer: raster, next_scale (VAR), next_scale (FlexVAR), flowar, acdit, mar
+    "fsq": ("ok", "--", "--", "--", "--", "ok"),
+    "kl16": ("--", "--", "--", "ok", "ok", "ok"),
+    "lfq": ("ok", "--", "--", "--", "--", "ok"),
+    "msvq": ("--", "ok", "--", "--", "--", "--"),
+    "rvq": ("ok", "--", "--", "--", "--", "--"),
+    "vae": ("--", "--", "--", "ok", "ok", "ok"),
+    "vq": ("ok", "--", "ok", "--", "--", "ok"),
 }
-GENERATORS = [("raster",), ("next_scale",), ("next_scale", "generator.residual=false"), ("flowar",), ("acdit",)]
+GENERATORS = [("raster",), ("next_scale",), ("next_scale", "generator.residual=false"), ("flowar",), ("acdit",),
+              ("mar",)]
 
 
 def test_the_pair_matrix_lists_every_tokenizer_and_generator():

@@ -19,7 +19,7 @@ from tests.conftest import REPO, compose_train
 CONF = REPO / "conf"
 GENERATOR_CONFIGS = sorted(p.stem for p in (CONF / "generator").glob("*.yaml"))
 TOKENIZER_CONFIGS = sorted(p.stem for p in (CONF / "tokenizer").glob("*.yaml"))
-PAIR = {"raster": "vq", "next_scale": "msvq", "flowar": "vae", "acdit": "vae"}  # a tokenizer each one accepts
+PAIR = {"raster": "vq", "next_scale": "msvq", "flowar": "vae", "acdit": "vae", "mar": "vae"}  # a tokenizer each accepts
 
 
 def generator_class(name: str) -> type[Generator]:
