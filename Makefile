@@ -16,13 +16,13 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(VENV)/.installed  ## virtual env with torch + arvision[dev,vqp]
+setup: $(VENV)/.installed  ## virtual env with torch + arvision[dev,vqp,diffusers]
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PKGS)
-	$(PY) -m pip install -q -e '.[dev,vqp]'
+	$(PY) -m pip install -q -e '.[dev,vqp,diffusers]'
 	touch $@
 
 data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is available

@@ -79,6 +79,8 @@ def test_sampling_cost_is_pure_and_follows_the_run_settings(name, tmp_path):
 
 @pytest.mark.parametrize("name", TOKENIZER_CONFIGS)
 def test_each_tokenizer_declares_its_abilities(name, tmp_path):
+    if name == "sd_vae":  # the only tokenizer behind an extra CI may lack
+        pytest.importorskip("diffusers", reason="optional extra: pip install 'arvision[diffusers]'")
     cfg = compose_train([f"tokenizer={name}", "debug=tiny", "data=shapes"], tmp_path)
     tok = pipeline.build_tokenizer(cfg, pipeline.build_datamodule(cfg))
     cls = type(tok)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from arvision.cli.common import config_dir, fail
 from arvision.imports.runs import ImportError_, export_official
 from arvision.results import ResultsError
+from arvision.tokenizers.base import MissingExtra
 from arvision.utils.files import UnreadableFile
 
 
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> None:
         fail("give run=<run folder made by arvision-import> and out=<directory to write the official files into>")
     try:
         written = export_official(Path(cfg.run), Path(cfg.out))
-    except (FileNotFoundError, ImportError_, ResultsError, UnreadableFile) as err:
+    except (FileNotFoundError, ImportError_, MissingExtra, ResultsError, UnreadableFile) as err:
         fail(str(err))
     print("wrote " + ", ".join(map(str, written)))
 

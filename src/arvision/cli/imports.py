@@ -19,6 +19,7 @@ from arvision.cli.common import config_dir, fail
 from arvision.imports.base import CheckpointMismatch
 from arvision.imports.runs import ImportError_, import_official
 from arvision.pipeline import ConfigError
+from arvision.tokenizers.base import MissingExtra
 from arvision.utils.files import UnreadableFile
 
 
@@ -26,7 +27,7 @@ from arvision.utils.files import UnreadableFile
 def main(cfg: DictConfig) -> None:
     try:
         imported = import_official(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (FileNotFoundError, ImportError_, CheckpointMismatch, ConfigError, UnreadableFile) as err:
+    except (FileNotFoundError, ImportError_, CheckpointMismatch, ConfigError, MissingExtra, UnreadableFile) as err:
         fail(str(err))
     print(imported.message)
 

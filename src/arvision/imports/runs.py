@@ -60,14 +60,15 @@ def family_of(cfg: DictConfig) -> OfficialFamily:
 
 
 def _file(cfg: DictConfig, key: str) -> Path:
+    released = cfg.official.files.get(key.removesuffix("_file"))
     value = cfg.get(key)
     if value is None:
-        released = cfg.official.files.get(key.removesuffix("_file"))
         raise ImportError_(f"give {key}=<path of the official {released or key} you downloaded>")
     path = Path(str(value)).expanduser()
+    if path.is_dir() and released and (path / released).is_file():  # a diffusers folder: the weights file in it
+        path = path / released
     if not path.is_file():
-        raise FileNotFoundError(f"no file {path} ({key}); give the path of the official "
-                                f"{cfg.official.files.get(key.removesuffix('_file')) or 'checkpoint'}")
+        raise FileNotFoundError(f"no file {path} ({key}); give the path of the official {released or 'checkpoint'}")
     return path
 
 
@@ -166,6 +167,12 @@ def import_official(cfg: DictConfig, run_dir: Path) -> Imported:
                             f"sample with: arvision-sample run={run_dir}")
 
 
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file  # diffusers' dependency: only a diffusers import writes this format
+
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, path)
+
+
 def export_official(run_dir: Path, out_dir: Path) -> list[Path]:
     """The official files of an imported (or compatible) run, written into `out_dir` under their released names."""
     record = read_results(run_dir)
@@ -194,6 +201,10 @@ def export_official(run_dir: Path, out_dir: Path) -> list[Path]:
         if target.exists():
             raise ImportError_(f"{target} exists; export into an empty directory")
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(wrap(state, imported["files"][kind]["layout"]), target)
+        obj = wrap(state, imported["files"][kind]["layout"])
+        if target.suffix == ".safetensors":  # a diffusers folder's weights
+            save_safetensors(obj, target)
+        else:
+            torch.save(obj, target)
         written.append(target)
     return written
