@@ -13,6 +13,8 @@ from arvision.generators import IncompatibleTokenizer
 from arvision.generators.acdit import (ACDiTGenerator, skip_causal_mask, skip_causal_mask_mod,
                                        without_last_clean_block)
 from arvision.nn.masks import dense_from_mask_mod, flex_available, flex_block_mask
+from arvision.nn.processes import SPACINGS, GaussianDiffusion
+from arvision.nn.rope import apply_rope_nd, rope_nd, ropend_bases
 from arvision.tokenizers.base import TokenSpec
 from tests.conftest import untrained_test_loss
 
@@ -29,13 +31,17 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# arvision's earlier block, kept as options: SwiGLU, no attention biases, no QK norm, LlamaGen's 2D RoPE
+EARLIER = dict(mlp="swiglu", attn_bias=False, qk_norm=False, rope="rope2d")
+
+
 def make(block_size: int = 16, *, patch_size: int = 1, spec: TokenSpec = VAE, seed: int = 0,
-         attention: str = "sdpa", randomise: bool = True) -> ACDiTGenerator:
-    """A small eval-mode model; `randomise` replaces the zero (adaLN-Zero, output) initialisation by random weights
-    so that every path through the network matters."""
+         attention: str = "sdpa", randomise: bool = True, variant: tuple = ()) -> ACDiTGenerator:
+    """A small eval-mode model (the official block, or `variant`'s options); `randomise` replaces the zero
+    (adaLN-Zero, output) initialisation by random weights so that every path through the network matters."""
     torch.manual_seed(seed)
     model = ACDiTGenerator(spec=spec, num_classes=NUM_CLASSES, dim=32, depth=2, heads=2, block_size=block_size,
-                           patch_size=patch_size, attention=attention)
+                           patch_size=patch_size, attention=attention, **dict(variant))
     if randomise:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -45,8 +51,8 @@ def make(block_size: int = 16, *, patch_size: int = 1, spec: TokenSpec = VAE, se
 
 
 @functools.cache
-def shared(block_size: int = 16, patch_size: int = 1) -> ACDiTGenerator:
-    return make(block_size, patch_size=patch_size)
+def shared(block_size: int = 16, patch_size: int = 1, variant: tuple = ()) -> ACDiTGenerator:
+    return make(block_size, patch_size=patch_size, variant=variant)
 
 
 def inputs(model: ACDiTGenerator, b: int = 2, seed: int = 0):
@@ -157,13 +163,67 @@ def test_blocks_are_square_and_in_raster_order() -> None:
     torch.testing.assert_close(patched.from_blocks(patched.to_blocks(latents)), latents)
 
 
+# --- the block: official by default, arvision's earlier choices as options ---------------------------------------
+
+def test_default_block_is_the_official_one() -> None:
+    layer = shared(16).layers[0]
+    names = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    assert names == {"attention_norm.weight": (32,), "attention.wqkv.weight": (96, 32), "attention.wqkv.bias": (96,),
+                     "attention.wo.weight": (32, 32), "attention.wo.bias": (32,), "attention.q_norm.weight": (16,),
+                     "attention.k_norm.weight": (16,), "ffn_norm.weight": (32,),
+                     "feed_forward.fc1.weight": (128, 32), "feed_forward.fc1.bias": (128,),   # GELU, 4× wide
+                     "feed_forward.fc2.weight": (32, 128), "feed_forward.fc2.bias": (32,),
+                     "adaLN_modulation.1.weight": (192, 32), "adaLN_modulation.1.bias": (192,)}
+    assert shared(16).rope.shape == (64, 16, 2)  # RopeND: cos/sin per channel
+    earlier = shared(16, 1, tuple(EARLIER.items()))
+    assert {name for name, _ in earlier.layers[0].named_parameters()} == {
+        "attention_norm.weight", "attention.wqkv.weight", "attention.wo.weight", "ffn_norm.weight",
+        "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
+        "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"}
+    assert earlier.rope.shape == (64, 8, 2)  # LlamaGen's 2D RoPE: cos/sin per channel pair
+
+
+def test_gelu_mlp_uses_the_tanh_approximation() -> None:
+    mlp = shared(16).layers[0].feed_forward
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+        assert torch.equal(mlp(x), expected)
+        assert not torch.allclose(mlp(x), mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))), atol=1e-7)
+
+
+def test_ropend_bases_and_table_by_hand() -> None:
+    """head_dim 8 over (row, col): each axis gets 4 channels with frequencies 1/100^(linspace(0, 8, 2)/8) = 1, 0.01,
+    written twice; channel c (row) is rotated with channel c + 4 (column) as rotate-half does."""
+    assert ropend_bases([8, 32, 39, 40, 64, 1024]) == [100, 100, 100, 200, 200, 2700]
+    table = rope_nd(torch.tensor([[2, 3]]), 8, max_lens=[8, 8])
+    row, col = torch.tensor([2.0, 0.02, 2.0, 0.02]), torch.tensor([3.0, 0.03, 3.0, 0.03])
+    angles = torch.cat([row, col])
+    torch.testing.assert_close(table[0], torch.stack([angles.cos(), angles.sin()], dim=-1))
+    x = torch.arange(1.0, 9.0)[None]
+    got = apply_rope_nd(x, table)[0]
+    expected = torch.cat([x[0, :4] * row.cos() - x[0, 4:] * row.sin(), x[0, 4:] * col.cos() + x[0, :4] * col.sin()])
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        rope_nd(torch.zeros(1, 2), 6, max_lens=[8, 8])
+
+
+def test_rejects_unknown_block_options() -> None:
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        ACDiTGenerator(spec=VAE, num_classes=NUM_CLASSES, dim=32, depth=1, heads=2, mlp="relu")
+    with pytest.raises(ValueError, match="rope must be one of"):
+        ACDiTGenerator(spec=VAE, num_classes=NUM_CLASSES, dim=32, depth=1, heads=2, rope="rope1d")
+
+
 # --- the network ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("block_size", "patch_size"), [(16, 1), (4, 1), (1, 1), (64, 1), (4, 2)])
-def test_cached_block_denoising_equals_the_training_forward(block_size: int, patch_size: int) -> None:
+@pytest.mark.parametrize(("block_size", "patch_size", "variant"),
+                         [(16, 1, ()), (4, 1, ()), (1, 1, ()), (64, 1, ()), (4, 2, ()),
+                          (16, 1, tuple(EARLIER.items())), (4, 2, tuple(EARLIER.items()))])
+def test_cached_block_denoising_equals_the_training_forward(block_size: int, patch_size: int, variant: tuple) -> None:
     """ε of noisy block i through the KV cache (filled by clean passes of blocks < i) equals the prediction of the
-    full masked training forward over [clean prefix | noisy blocks]."""
-    model = shared(block_size, patch_size)
+    full masked training forward over [clean prefix | noisy blocks]; for the official block and the earlier one."""
+    model = shared(block_size, patch_size, variant)
     x0, x_t, t, labels = inputs(model)
     with torch.no_grad():
         full = model(x0, x_t, t, labels)
@@ -252,9 +312,9 @@ def reference_sample(model: ACDiTGenerator, labels: torch.Tensor, *, cfg: float,
             return model(clean, noisy, tt, rows)[:, i]
 
         if sampler == "ddim":
-            finished[:, i] = model.diffusion.ddim(eps_fn, noise, steps, cfg=cfg).sample
+            finished[:, i] = model.diffusion.ddim(eps_fn, noise, steps, cfg=cfg, spacing="leading").sample
         else:
-            finished[:, i] = model.diffusion.dpm_solver_pp_2m(eps_fn, noise, steps, cfg=cfg).sample
+            finished[:, i] = model.diffusion.dpm_solver_pp_2m(eps_fn, noise, steps, cfg=cfg, spacing="linspace").sample
     return model.from_blocks(finished)
 
 
@@ -265,7 +325,9 @@ def test_cached_sampling_equals_full_recomputation(block_size: int, cfg: float, 
     labels = torch.tensor([1, 7])
     with torch.no_grad():
         expected = reference_sample(model, labels, cfg=cfg, steps=3, sampler=sampler, seed=5)
-    got = model.sample(labels, cfg=cfg, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(5))
+    spacing = "leading" if sampler == "ddim" else "linspace"  # DDIM's own default; DPM-Solver's (the official)
+    got = model.sample(labels, cfg=cfg, steps=3, sampler=sampler, spacing=spacing,
+                       generator=torch.Generator().manual_seed(5))
     assert got.shape == (2, 4, 8, 8) and torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
@@ -296,6 +358,89 @@ def test_sampling_cost_counts_the_backbone_passes(block_size: int, cfg: float, s
                               "rows_per_pass_factor": 2 if cfg != 1.0 else 1}
     assert len(seen) == cost.backbone_passes == cost.passes
     assert set(seen) == {(2 * cost.rows_per_pass_factor, block_size)}
+
+
+# --- DPM-Solver++ timesteps as diffusers spaces them -----------------------------------------------------------
+
+# The official sampler: DPMSolverMultistepScheduler.from_config(DDIMScheduler().config), 25 steps. diffusers drops
+# the config entries that were defaults, so the solver keeps its "linspace" spacing (checked with diffusers 0.31.0,
+# the version the official code pins, and 0.42.1).
+OFFICIAL_25 = [999, 959, 919, 879, 839, 799, 759, 719, 679, 639, 599, 559, 519, 480, 440, 400, 360, 320, 280, 240,
+               200, 160, 120, 80, 40]
+# DPM-Solver's own "leading" (a scheduler built with timestep_spacing="leading", steps_offset 0)
+DPM_LEADING_25 = [950, 912, 874, 836, 798, 760, 722, 684, 646, 608, 570, 532, 494, 456, 418, 380, 342, 304, 266, 228,
+                  190, 152, 114, 76, 38]
+
+
+def test_official_and_leading_timesteps_without_diffusers() -> None:
+    diffusion = GaussianDiffusion()
+    assert diffusion.inference_timesteps(25, "linspace", solver="dpm_solver") == OFFICIAL_25
+    assert diffusion.inference_timesteps(25, "leading", solver="dpm_solver") == DPM_LEADING_25
+    assert diffusion.inference_timesteps(25, "leading", solver="dpm_solver", steps_offset=1) == \
+        [t + 1 for t in DPM_LEADING_25]
+    assert diffusion.inference_timesteps(25, "leading") == list(range(960, -1, -40))  # DDIM's leading differs
+    assert diffusion.inference_timesteps(4, "trailing", solver="dpm_solver") == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        diffusion.inference_timesteps(25, "uniform")
+    with pytest.raises(ValueError, match="need 1 <= steps <= 999"):
+        diffusion.inference_timesteps(1000, "leading", solver="dpm_solver")
+
+
+def test_default_sampling_uses_the_official_timesteps() -> None:
+    model = shared(64)  # one block: the evaluated timesteps are the solver's
+    seen: list[int] = []
+    handle = model.t_embedder.register_forward_pre_hook(lambda _, args: seen.append(int(args[0].flatten()[0])))
+    try:
+        model.sample(torch.tensor([1]), cfg=1.0, steps=25, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert seen == OFFICIAL_25
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_timesteps_match_diffusers(spacing: str, steps_offset: int) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    diffusion = GaussianDiffusion()
+    for steps in [*range(1, 60), 100, 250, 333, 500, 998]:
+        config = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=steps_offset).config
+        ddim = diffusers.DDIMScheduler.from_config(config)
+        ddim.set_timesteps(steps)
+        assert diffusion.inference_timesteps(steps, spacing, solver="ddim", steps_offset=steps_offset) == \
+            ddim.timesteps.tolist(), (spacing, steps)
+        dpm = diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+        dpm.set_timesteps(steps)
+        assert diffusion.inference_timesteps(steps, spacing, solver="dpm_solver", steps_offset=steps_offset) == \
+            dpm.timesteps.tolist(), (spacing, steps)
+    official = diffusers.DPMSolverMultistepScheduler.from_config(diffusers.DDIMScheduler().config)
+    official.set_timesteps(25)
+    assert official.timesteps.tolist() == OFFICIAL_25
+
+
+def test_dpm_solver_steps_match_diffusers() -> None:
+    """The same ε function through diffusers' DPMSolverMultistepScheduler and through dpm_solver_pp_2m, for every
+    spacing: equal to fp32 rounding of the scheduler's own arithmetic."""
+    diffusers = pytest.importorskip("diffusers")
+    diffusion = GaussianDiffusion()
+    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) / 2
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ weight) + 0.001 * t[:, None, None].float() * x
+
+    noise = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
+    for spacing in SPACINGS:
+        scheduler = diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing)
+        scheduler.set_timesteps(10)
+        x = noise.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(eps_fn(x, torch.full((2,), int(t))), t, x).prev_sample
+        ours = diffusion.dpm_solver_pp_2m(eps_fn, noise, 10, spacing=spacing).sample
+        torch.testing.assert_close(ours, x, atol=1e-5 * float(x.abs().max()), rtol=0)
+
+
+def test_rejects_unknown_spacing() -> None:
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        shared(16).sample(torch.tensor([0]), spacing="karras")
 
 
 def test_rejects_unknown_sampler() -> None:

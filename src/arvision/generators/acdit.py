@@ -25,8 +25,11 @@ then runs once as a clean block (no conditioning) to append its keys/values to t
 exact because clean tokens see neither noisy tokens nor the class. The last block needs no clean pass, so a batch
 costs N·steps + N − 1 backbone passes over K tokens each (2B rows under CFG, clean passes included). (The official
 code folds the clean pass of block i − 1 into the first denoising pass of block i, 2K tokens, N·steps passes;
-same keys/values.) DPM-Solver++ uses diffusers' default "linspace" timesteps; the official sampler builds its
-DPMSolverMultistepScheduler from DDIMScheduler's config and so inherits "leading" spacing (first step t = 950).
+same keys/values.) Timesteps: the official sampler builds `DPMSolverMultistepScheduler.from_config(DDIMScheduler()
+.config)`; since diffusers 0.19 (the official code pins 0.31) `from_config` skips every entry the source config
+took at its default (`_use_default_values`), which for a default-built DDIMScheduler is all of them, so the solver
+keeps its own defaults: "linspace" spacing, 999, 959, …, 40 for 25 steps (not DDIM's "leading"). `spacing` and
+`steps_offset` give the others as diffusers spaces them (DPM-Solver's "leading": 950, 912, …, 38).
 """
 
 from __future__ import annotations
@@ -35,19 +38,22 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
 from arvision.generators.base import Generator, SamplingCost, require
-from arvision.nn.attention import Attention, KVCache
+from arvision.nn.attention import KVCache, flex
 from arvision.nn.blocks import FeedForward, LabelEmbedding, TimestepEmbedder, swiglu_hidden
-from arvision.nn.masks import MaskMod, dense_from_mask_mod, flex_block_mask, use_flex
+from arvision.nn.masks import MaskMod, flex_block_mask, is_block_mask, use_flex
 from arvision.nn.norm import RMSNorm
-from arvision.nn.processes import GaussianDiffusion
-from arvision.nn.rope import grid_positions, rope_2d
+from arvision.nn.processes import SPACINGS, GaussianDiffusion
+from arvision.nn.rope import apply_rope, apply_rope_nd, grid_positions, rope_2d, rope_nd
 from arvision.tokenizers.base import TokenSpec
 
 SAMPLERS = ("dpm_solver_pp", "ddim")
+MLPS = ("gelu", "swiglu")
+ROPES = ("ropend", "rope2d")
 
 
 # --- the Skip-Causal Attention Mask -----------------------------------------------------------------------------
@@ -95,15 +101,67 @@ def gated(x: torch.Tensor, gate: torch.Tensor, clean_len: int) -> torch.Tensor:
     return torch.cat([x[:, :clean_len], gate * x[:, clean_len:]], dim=1)
 
 
-class ACDiTBlock(nn.Module):
-    """Pre-norm block (RMSNorm → attention, RMSNorm → SwiGLU) with adaLN-Zero on the noisy tokens only."""
+class GeluMLP(nn.Module):
+    """ACDiT's feed-forward (timm's `Mlp`): fc2(GELU_tanh(fc1 x)), with biases."""
 
-    def __init__(self, dim: int, heads: int, *, kv_heads: int | None, ffn_hidden: int, norm_eps: float) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class ACDiTAttention(nn.Module):
+    """ACDiT's attention (timm's `Attention` with qk_norm, as `SkipCausalAttention`): fused qkv → per-head RMSNorm of
+    q and k (eps 1e-6) → RoPE → SDPA (or FlexAttention with a BlockMask) → proj. `bias`: qkv and proj biases (the
+    official model has both); `qk_norm=False` skips the norms; `rope` picks the rotation the table is for
+    (`ropend`: ACDiT's rotate-half table, `rope2d`: LlamaGen's pair table). Keys/values of a `KVCache` come first."""
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None, bias: bool, qk_norm: bool, rope: str,
+                 norm_eps: float) -> None:
+        super().__init__()
+        kv_heads = kv_heads or heads
+        if dim % heads or heads % kv_heads:
+            raise ValueError(f"need heads | dim and kv_heads | heads, got dim={dim} heads={heads} kv_heads={kv_heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wqkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=bias)
+        self.wo = nn.Linear(dim, dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.rotate = apply_rope_nd if rope == "ropend" else apply_rope
+
+    def forward(self, x: torch.Tensor, *, rope: torch.Tensor, cache: KVCache | None = None,
+                attn_mask=None) -> torch.Tensor:
+        kv = self.kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.heads * self.head_dim, kv, kv], dim=-1)
+        q = self.q_norm(rearrange(q, "b l (h d) -> b h l d", h=self.heads))
+        k = self.k_norm(rearrange(k, "b l (h d) -> b h l d", h=self.kv_heads))
+        v = rearrange(v, "b l (h d) -> b h l d", h=self.kv_heads)
+        q, k = self.rotate(q, rope), self.rotate(k, rope)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        gqa = self.kv_heads != self.heads
+        if is_block_mask(attn_mask):
+            out = flex(q, k, v, attn_mask, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.wo(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class ACDiTBlock(nn.Module):
+    """Pre-norm block (RMSNorm → attention, RMSNorm → MLP) with adaLN-Zero on the noisy tokens only (the official
+    `CustomDiTBlock`); `mlp` picks the GELU MLP (official) or SwiGLU."""
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None, mlp: str, ffn_hidden: int, attn_bias: bool,
+                 qk_norm: bool, rope: str, norm_eps: float) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(dim, eps=norm_eps)
-        self.attention = Attention(dim, heads, kv_heads=kv_heads)
+        self.attention = ACDiTAttention(dim, heads, kv_heads=kv_heads, bias=attn_bias, qk_norm=qk_norm, rope=rope,
+                                        norm_eps=norm_eps)
         self.ffn_norm = RMSNorm(dim, eps=norm_eps)
-        self.feed_forward = FeedForward(dim, ffn_hidden)
+        self.feed_forward = GeluMLP(dim, ffn_hidden) if mlp == "gelu" else FeedForward(dim, ffn_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None, *, clean_len: int, block_size: int,
@@ -143,7 +201,8 @@ class ACDiTGenerator(Generator):
     name = "acdit"
 
     def __init__(self, *, spec: TokenSpec, num_classes: int, dim: int = 256, depth: int = 6, heads: int = 4,
-                 kv_heads: int | None = None, ffn_hidden: int | None = None, patch_size: int = 1,
+                 kv_heads: int | None = None, mlp: str = "gelu", mlp_ratio: float = 4.0, ffn_hidden: int | None = None,
+                 attn_bias: bool = True, qk_norm: bool = True, rope: str = "ropend", patch_size: int = 1,
                  block_size: int = 16, class_dropout: float = 0.1, rope_base: float = 10000.0,
                  norm_eps: float = 1e-6, time_freq_dim: int = 256, num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", label_init_std: float = 0.02, attention: str = "auto") -> None:
@@ -152,6 +211,10 @@ class ACDiTGenerator(Generator):
         h, w = spec.grid
         if patch_size < 1 or h % patch_size or w % patch_size:
             raise ValueError(f"patch_size must divide the {h}×{w} latent, got {patch_size}")
+        if mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
+        if rope not in ROPES:
+            raise ValueError(f"rope must be one of {ROPES}, got {rope!r}")
         gh, gw = h // patch_size, w // patch_size
         seq_len = gh * gw
         allowed = sorted({s * s for s in range(1, min(gh, gw) + 1) if gh % s == 0 and gw % s == 0} | {seq_len})
@@ -166,20 +229,27 @@ class ACDiTGenerator(Generator):
         self.num_blocks = seq_len // block_size
         self.token_dim = spec.dim * patch_size ** 2
         self.diffusion = GaussianDiffusion(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+        if ffn_hidden is None:  # the official GELU MLP is int(dim·mlp_ratio) wide; SwiGLU Llama's 2·4d/3 rounded
+            ffn_hidden = int(dim * mlp_ratio) if mlp == "gelu" else swiglu_hidden(dim)
 
         self.x_embedder = nn.Linear(self.token_dim, dim, bias=False)  # shared by clean and noisy tokens
         self.t_embedder = TimestepEmbedder(dim, freq_dim=time_freq_dim)
         self.y_embedder = LabelEmbedding(num_classes, dim, dropout=class_dropout)
         self.layers = nn.ModuleList(
-            ACDiTBlock(dim, heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden or swiglu_hidden(dim), norm_eps=norm_eps)
+            ACDiTBlock(dim, heads, kv_heads=kv_heads, mlp=mlp, ffn_hidden=ffn_hidden, attn_bias=attn_bias,
+                       qk_norm=qk_norm, rope=rope, norm_eps=norm_eps)
             for _ in range(depth))
         self.final_layer = FinalLayer(dim, self.token_dim, norm_eps=norm_eps)
 
-        # 2D RoPE of every token in sequence (block) order; clean and noisy copies use the same rows.
+        # RoPE of every token in sequence (block) order; clean and noisy copies use the same rows. RopeND (the
+        # official) takes its bases from the grid's sides (100 for sides up to 39), rope2d takes `rope_base`.
         bh, bw = self.block_side
         positions = rearrange(grid_positions(gh, gw), "(nh bh nw bw) c -> (nh nw bh bw) c", bh=bh, bw=bw,
                               nh=gh // bh, nw=gw // bw)
-        self.register_buffer("rope", rope_2d(positions, dim // heads, base=rope_base), persistent=False)
+        head_dim = dim // heads
+        table = rope_nd(positions, head_dim, max_lens=(gh, gw)) if rope == "ropend" else \
+            rope_2d(positions, head_dim, base=rope_base)
+        self.register_buffer("rope", table, persistent=False)
         self.register_buffer("train_mask", self.training_mask(), persistent=False)
         self._block_masks: dict[str, object] = {}  # FlexAttention BlockMask per device, built on first use
 
@@ -205,14 +275,15 @@ class ACDiTGenerator(Generator):
     # --- layout ---------------------------------------------------------------------------------------------------
 
     def to_blocks(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) → (B, N, K, C·p²): patchify, then square blocks in raster order, raster inside a block."""
+        """(B, C, h, w) → (B, N, K, p²·C): patchify (a token's channels in the official order: patch row, patch
+        column, latent channel), then square blocks in raster order, raster inside a block."""
         (bh, bw), p = self.block_side, self.patch_size
-        return rearrange(latents, "b c (nh bh p1) (nw bw p2) -> b (nh nw) (bh bw) (c p1 p2)", bh=bh, bw=bw, p1=p, p2=p)
+        return rearrange(latents, "b c (nh bh p1) (nw bw p2) -> b (nh nw) (bh bw) (p1 p2 c)", bh=bh, bw=bw, p1=p, p2=p)
 
     def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """(B, N, K, C·p²) → (B, C, h, w)."""
+        """(B, N, K, p²·C) → (B, C, h, w)."""
         (bh, bw), p = self.block_side, self.patch_size
-        return rearrange(blocks, "b (nh nw) (bh bw) (c p1 p2) -> b c (nh bh p1) (nw bw p2)", bh=bh, bw=bw, p1=p, p2=p,
+        return rearrange(blocks, "b (nh nw) (bh bw) (p1 p2 c) -> b c (nh bh p1) (nw bw p2)", bh=bh, bw=bw, p1=p, p2=p,
                          nh=self.grid[0] // bh)
 
     def training_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -303,15 +374,20 @@ class ACDiTGenerator(Generator):
 
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.5, generator: torch.Generator | None = None,
-               steps: int = 25, sampler: str = "dpm_solver_pp", eta: float = 0.0) -> torch.Tensor:
+               steps: int = 25, sampler: str = "dpm_solver_pp", eta: float = 0.0, spacing: str = "linspace",
+               steps_offset: int = 0) -> torch.Tensor:
         """Latents (B, C, h, w) for `labels` (B,), block after block.
 
         cfg ≠ 1 runs conditional and null-class rows as one 2B batch, ε = ε_u + cfg·(ε_c − ε_u) at every step (the
         official constant CFG); the clean passes run the same 2B rows so the caches match the noisy passes. Noise
-        is drawn from `generator` (on its device), block by block.
+        is drawn from `generator` (on its device), block by block. `spacing` / `steps_offset`: diffusers' timestep
+        spacing of the chosen sampler (`GaussianDiffusion.inference_timesteps`). The official sampler's is
+        `linspace` (999, 959, …, 40 for 25 steps): see the module docstring.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         was_training = self.training
         self.eval()
         try:
@@ -328,7 +404,7 @@ class ACDiTGenerator(Generator):
                     return self.denoise(x_t, t, rows, block, caches)
 
                 x0 = self.run_sampler(eps_fn, noise, steps=steps, sampler=sampler, cfg=cfg, eta=eta,
-                                      generator=generator)
+                                      generator=generator, spacing=spacing, steps_offset=steps_offset)
                 blocks.append(x0)
                 if i + 1 < self.num_blocks:
                     assert caches is not None
@@ -338,14 +414,16 @@ class ACDiTGenerator(Generator):
             self.train(was_training)
 
     def run_sampler(self, eps_fn, noise: torch.Tensor, *, steps: int, sampler: str, cfg: float, eta: float = 0.0,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, spacing: str = "linspace",
+                    steps_offset: int = 0) -> torch.Tensor:
         """Denoise one block from `noise` with the process's DPM-Solver++(2M) or DDIM, CFG on ε in the 2B layout."""
+        spaced = dict(spacing=spacing, steps_offset=steps_offset)
         if sampler == "dpm_solver_pp":
-            out = self.diffusion.dpm_solver_pp_2m(eps_fn, noise, steps, cfg=cfg)
+            out = self.diffusion.dpm_solver_pp_2m(eps_fn, noise, steps, cfg=cfg, **spaced)
         else:
             step_noise = None if generator is None else \
                 (lambda i: torch.randn(noise.shape, generator=generator, device=generator.device))
-            out = self.diffusion.ddim(eps_fn, noise, steps, eta=eta, cfg=cfg, step_noise=step_noise)
+            out = self.diffusion.ddim(eps_fn, noise, steps, eta=eta, cfg=cfg, step_noise=step_noise, **spaced)
         return out.sample
 
     def sampling_cost(self, *, cfg: float = 1.5, steps: int = 25, **_: Any) -> SamplingCost:

@@ -22,7 +22,9 @@ DDPM (`GaussianDiffusion`), diffusers' `DDPMScheduler` conventions (ACDiT trains
     `squaredcos_cap_v2`, MAR), ε-prediction trained with MSE, t ~ U{0, …, T − 1}. Samplers: DDIM (diffusers'
     `DDIMScheduler`: "leading" spacing, ᾱ_{−1} = 1, η for stochasticity) and DPM-Solver++(2M) (diffusers'
     `DPMSolverMultistepScheduler` defaults: "linspace" spacing, data prediction, midpoint second order, first order
-    on the first step and on the last step to σ = 0).
+    on the first step and on the last step to σ = 0). Both take diffusers' `leading` / `linspace` / `trailing`
+    spacing and `steps_offset`, each by its own scheduler's rules (`inference_timesteps`): ACDiT samples with
+    DPM-Solver++ built from DDIMScheduler's config, i.e. "leading" with offset 0 (950, 912, …, 38 for 25 steps).
 
 Classifier-free guidance, shared by every sampler ("duplicate the batch" layout): with `cfg ≠ 1` the closure is
 called on 2B rows, [x; x] with times [t; t], and must return [cond; uncond] predictions (conditional rows first,
@@ -41,6 +43,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,6 +52,7 @@ NoiseSource = Sequence[torch.Tensor] | Callable[[int], torch.Tensor] | None
 TIME_GRIDS = ("uniform", "flowar")
 BETA_SCHEDULES = ("linear", "cosine")
 SPACINGS = ("leading", "linspace", "trailing")
+SOLVERS = ("ddim", "dpm_solver")  # whose spacing rules `inference_timesteps` follows (diffusers' schedulers)
 ALWAYS = (-math.inf, math.inf)
 
 
@@ -277,33 +281,50 @@ class GaussianDiffusion:
         """The integer timestep itself, as a float for a sinusoidal embedding (DiT, MAR, ACDiT)."""
         return t.float()
 
-    def inference_timesteps(self, steps: int, spacing: str) -> list[int]:
-        """Descending integer timesteps, as diffusers' schedulers pick them: `leading` (DDIM default:
-        k·(T // steps)), `linspace` (DPM-Solver default: round(linspace(0, T − 1, steps + 1)) without the final 0),
-        `trailing` (round(T − k·T/steps) − 1)."""
+    def inference_timesteps(self, steps: int, spacing: str, *, solver: str = "ddim",
+                            steps_offset: int = 0) -> list[int]:
+        """Descending integer timesteps exactly as diffusers' `set_timesteps` picks them. The two schedulers space
+        differently under the same names (T = num_train_timesteps):
+
+        | spacing  | `solver="ddim"` (DDIMScheduler)        | `solver="dpm_solver"` (DPMSolverMultistepScheduler)      |
+        |----------|----------------------------------------|----------------------------------------------------------|
+        | leading  | k·(T // steps), k = steps−1 … 0        | k·(T // (steps + 1)), k = steps … 1 (T = 1000, 25 steps: |
+        |          |                                        | 950, 912, …, 38: ACDiT's sampler, DPM-Solver built from  |
+        |          |                                        | DDIMScheduler's config)                                  |
+        | linspace | round(linspace(0, T − 1, steps))       | round(linspace(0, T − 1, steps + 1)) without the final 0 |
+        | trailing | round(arange(T, 0, −T/steps)) − 1      | the same                                                 |
+
+        `steps_offset` (a scheduler config entry: 0 in DDIMScheduler's default, 1 in Stable Diffusion's) is added
+        to `leading` timesteps only, as diffusers does. Rounding is half-to-even, as numpy's."""
         T = self.num_train_timesteps
-        if not 1 <= steps <= T:
-            raise ValueError(f"need 1 <= steps <= {T}, got {steps}")
-        if spacing == "leading":
-            ts = [k * (T // steps) for k in range(steps)][::-1]
-        elif spacing == "linspace":
-            ts = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long().tolist()[::-1][:-1]
-        elif spacing == "trailing":
-            ts = [round(T - k * T / steps) - 1 for k in range(steps)]
-        else:
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        return ts
+        most = T - 1 if solver == "dpm_solver" and spacing == "leading" else T
+        if not 1 <= steps <= most:
+            raise ValueError(f"need 1 <= steps <= {most} for {spacing} spacing, got {steps}")
+        if spacing == "leading":
+            ratio = T // steps if solver == "ddim" else T // (steps + 1)
+            first = steps - 1 if solver == "ddim" else steps
+            return [k * ratio + steps_offset for k in range(first, first - steps, -1)]
+        # numpy, as diffusers: torch.linspace/arange round a few points the other way (e.g. 27 linspace steps)
+        if spacing == "linspace":
+            if solver == "ddim":
+                return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64).tolist()
+            return np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64).tolist()
+        return (np.arange(T, 0, -T / steps).round().astype(np.int64) - 1).tolist()
 
     # sampling
     def ddim(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int, *, eta: float = 0.0, cfg: float = 1.0,
-             guidance_interval: tuple[float, float] = ALWAYS, spacing: str = "leading",
+             guidance_interval: tuple[float, float] = ALWAYS, spacing: str = "leading", steps_offset: int = 0,
              step_noise: NoiseSource = None, generator: torch.Generator | None = None,
              state_dtype: torch.dtype = torch.float64) -> Sampled:
         """DDIM (diffusers' `DDIMScheduler.step`, ᾱ after the last step = 1, no clipping): x0̂ = (x − √(1−ᾱ)ε̂)/√ᾱ,
         x' = √ᾱ'·x0̂ + √(1 − ᾱ' − σ²)·ε̂ + σ·z, σ = η·√((1 − ᾱ')/(1 − ᾱ))·√(1 − ᾱ/ᾱ'). η = 1 is ancestral DDPM on
         the sub-sequence. `steps` evaluations; per-step noise z from `step_noise` or `generator` (η > 0 only)."""
         dtype, x = noise.dtype, noise.to(state_dtype)
-        ts = self.inference_timesteps(steps, spacing)
+        ts = self.inference_timesteps(steps, spacing, solver="ddim", steps_offset=steps_offset)
         for i, t in enumerate(ts):
             prev = ts[i + 1] if i + 1 < len(ts) else -1
             a = self.alpha_bars[t]
@@ -318,16 +339,17 @@ class GaussianDiffusion:
 
     def dpm_solver_pp_2m(self, eps_fn: ModelFn, noise: torch.Tensor, steps: int, *, cfg: float = 1.0,
                          guidance_interval: tuple[float, float] = ALWAYS, spacing: str = "linspace",
-                         state_dtype: torch.dtype = torch.float64) -> Sampled:
+                         steps_offset: int = 0, state_dtype: torch.dtype = torch.float64) -> Sampled:
         """DPM-Solver++(2M), data prediction, midpoint form (diffusers' `DPMSolverMultistepScheduler` defaults).
 
         With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ = log(α/σ), x0̂ = (x − σ_s·ε̂)/α_s, h = λ_t − λ_s:
             first order   x_t = (σ_t/σ_s)·x − α_t·(e^{−h} − 1)·x0̂
             second order  … − ½·α_t·(e^{−h} − 1)·(x0̂ − x0̂_prev)/r,  r = (λ_s − λ_prev)/h
         First order on the first step and on the last, which goes to σ = 0 (x = x0̂). `steps` evaluations.
+        Timesteps by DPMSolverMultistepScheduler's spacing rules (`inference_timesteps(solver="dpm_solver")`).
         """
         dtype, x = noise.dtype, noise.to(state_dtype)
-        ts = self.inference_timesteps(steps, spacing)
+        ts = self.inference_timesteps(steps, spacing, solver="dpm_solver", steps_offset=steps_offset)
         alphas = [math.sqrt(self.alpha_bars[t]) for t in ts] + [1.0]
         sigmas = [math.sqrt(1 - self.alpha_bars[t]) for t in ts] + [0.0]
         lambdas = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]

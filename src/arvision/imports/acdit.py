@@ -1,0 +1,45 @@
+"""ACDiT's official files (thunlp/ACDiT): the class-conditional ImageNet models ACDiT-XL-img.pt and ACDiT-H-img.pt.
+
+Files and where their tensors sit:
+- `ACDiT-{XL,H}-img.pt`: the training script's checkpoint `{"model", "ema", "opt", "lrs", "args"}` (`args` an
+  argparse.Namespace; released files may hold fewer entries). The official sampler (`sample_img.py`) loads
+  `checkpoint["model"]` strictly, so the presets read `model` too (`ema: true` takes `ema` where the file has it).
+- the VAE: SD-VAE (ft-EMA, as DiT's `facebook/DiT-XL-2-256` subfolder `vae`), diffusers' AutoencoderKL.
+
+Generator names (official `ACDiT` → arvision `ACDiTGenerator`, which keeps arvision's module names):
+`blocks.{i}` → `layers.{i}` with `norm1` → `attention_norm`, `attn.qkv` → `attention.wqkv`, `attn.proj` →
+`attention.wo`, `attn.{q,k}_norm` → `attention.{q,k}_norm`, `norm2` → `ffn_norm`, `mlp.fc{1,2}` →
+`feed_forward.fc{1,2}`; `final_layer.norm_final` → `final_layer.norm`. `x_embedder`, `t_embedder.mlp.{0,2}`,
+`y_embedder.embedding_table` (1001 rows, null class 1000), `final_layer.{linear,adaLN_modulation.1}` and each
+block's `adaLN_modulation.1` keep their names. The official model registers no buffers: RopeND's tables, the
+position ids and the attention masks are rebuilt, here as there.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from arvision.imports.base import OfficialFamily, StateMap
+
+GENERATOR_NAMES = StateMap(pairs=[
+    ("blocks.{i}.norm1.{path}", "layers.{i}.attention_norm.{path}"),
+    ("blocks.{i}.attn.qkv.{path}", "layers.{i}.attention.wqkv.{path}"),
+    ("blocks.{i}.attn.proj.{path}", "layers.{i}.attention.wo.{path}"),
+    ("blocks.{i}.attn.q_norm.{path}", "layers.{i}.attention.q_norm.{path}"),
+    ("blocks.{i}.attn.k_norm.{path}", "layers.{i}.attention.k_norm.{path}"),
+    ("blocks.{i}.norm2.{path}", "layers.{i}.ffn_norm.{path}"),
+    ("blocks.{i}.mlp.{path}", "layers.{i}.feed_forward.{path}"),
+    ("blocks.{i}.adaLN_modulation.{path}", "layers.{i}.adaLN_modulation.{path}"),
+    ("final_layer.norm_final.{path}", "final_layer.norm.{path}"),
+])
+
+
+class ACDiTCheckpoints(OfficialFamily):
+    name = "acdit"
+    generator_keys: ClassVar[tuple[str, ...]] = ("model",)
+    ema_keys: ClassVar[tuple[str, ...]] = ("ema",)
+
+    def generator_names(self, generator: nn.Module) -> StateMap:
+        return GENERATOR_NAMES
