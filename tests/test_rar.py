@@ -365,3 +365,21 @@ def test_compiled_decode_of_a_target_aware_model_samples_the_static_tokens():
     compiled = model.sample(labels, cfg=2.0, generator=torch.Generator().manual_seed(3), decode="compiled")
     static = model.sample(labels, cfg=2.0, generator=torch.Generator().manual_seed(3), decode="static")
     assert torch.equal(compiled, static)
+
+
+@pytest.mark.slow  # ≈ 45 s of CPU compilation (forward and backward graphs)
+@pytest.mark.filterwarnings("ignore:.*self.trainer.*")  # training_step's self.log without a Trainer
+def test_a_compiled_rar_loss_is_not_recompiled_as_r_anneals(monkeypatch):
+    """r lives in a buffer, so the compiled loss reads its value: annealing it through the run compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    model = make()
+    task = GeneratorTask(generator=model, compile=True, max_steps=8)
+    steps = iter(range(8))
+    monkeypatch.setattr(GeneratorTask, "global_step", property(lambda self: next(steps)))
+    task.training_step(batch(b=4), 0).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(7):  # r = 1, 1, 1, 0.5, 0, 0, 0 at steps 1 … 7
+        loss = task.training_step(batch(b=4), 0)
+        assert math.isfinite(loss.item())
+    assert counters["stats"]["unique_graphs"] == graphs
