@@ -40,6 +40,44 @@ def official_state(tokenizer: KL16Tokenizer, extras: dict | None = None) -> dict
     return KL16Family().tokenizer_to_official(tokenizer.state_dict(), extras or {}, tokenizer)
 
 
+@pytest.fixture(scope="module")
+def fixture() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------- golden fixture
+def test_golden_fixture_outputs_equal_mars_code(tmp_path, fixture):
+    """The fixture holds a tiny KL-16's state dict (MAR's AutoencoderKL, Encoder and Decoder narrowed, seeded random
+    weights), images and MAR's outputs on them (experiments/parity/kl16.py --fixture at `official_commit`): the
+    imported tokenizer reproduces each, the sampled tokens from the same seeded global stream as MAR draws them."""
+    fx = fixture
+    official, inputs, tol = fx["official"], fx["inputs"], fx["tolerance"]
+    ckpt = write_ckpt(tmp_path, fx["state"])
+    import_official(compose_import([f"official={fx['preset']}", f"tokenizer_file={ckpt}", *fx["overrides"]],
+                                   tmp_path), tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    tokenizer = pipeline.load_tokenizer(Path(record["tokenizer_artifact"]))
+    images, scale = inputs["images"], inputs["scale"]
+    assert tokenizer.scaling_factor.item() == pytest.approx(scale)
+    ours = {}
+    with torch.no_grad():
+        posterior = tokenizer.posterior(images)
+        ours["posterior mean"], ours["posterior std"] = posterior.mean, posterior.std
+        torch.manual_seed(inputs["noise_seed"])
+        ours["tokens: sample × 0.2325 (same noise)"] = tokenizer.encode(images)
+        tokenizer.encode_posterior = "mean"
+        ours["tokens: mean × 0.2325"] = tokenizer.encode(images)
+        tokens = official["tokens: sample × 0.2325 (same noise)"]
+        ours["decoder output (tokens / 0.2325)"] = tokenizer.decode_latents(tokens / tokenizer.scaling_factor)
+        ours["decoded images, clamped"] = tokenizer.decode(tokens)
+    assert set(ours) == set(official)  # every recorded official output is checked
+    for name, theirs in official.items():
+        assert (ours[name] - theirs).abs().max().item() <= tol[name], name
+    # the rows can fail: other noise, or the mean where MAR samples, is far off
+    assert (ours["tokens: mean × 0.2325"] - official["tokens: sample × 0.2325 (same noise)"]).abs().max() > 1e-2
+    assert official["decoded images, clamped"].abs().max() == 1.0  # the clamp is exercised
+
+
 # --------------------------------------------------------------------------------------------- layout
 def test_the_published_layout_is_mars():
     with torch.device("meta"):
