@@ -33,6 +33,8 @@ def rows() -> list[dict[str, str]]:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose(config_name="import", overrides=[f"official={path.stem}"])
         official = OmegaConf.to_container(cfg.official, resolve=True)
+        if official["files"].get("generator") is None:  # a tokenizer alone (mar_kl16, sd_vae_*): no sampling row
+            continue
         published, sample = official.get("published", {}), OmegaConf.to_container(cfg.generator.sample, resolve=True)
         paper = published.get("paper") or {}
         settings = " ".join(f"{k}={v}" for k, v in sample.items() if v is not None and k in
