@@ -176,10 +176,16 @@ def test_a_diffusers_folder_imports_as_from_pretrained_loads_it_and_exports_back
         assert torch.equal(tokenizer.decode(theirs), reference.decode(theirs / 0.2).sample.clamp(-1, 1))
 
     written = export_official(run, tmp_path / "out")
-    assert [p.name for p in written] == [WEIGHTS]
+    assert [p.name for p in written] == [WEIGHTS, "config.json"]
     original, back = load_file(folder / WEIGHTS), load_file(written[0])
     assert set(back) == set(original)  # (safetensors files keep their names sorted)
     assert all(torch.equal(back[name], tensor) for name, tensor in original.items())
+    # the export is a diffusers folder again: diffusers loads it, with the same weights and scaling factor
+    again = AutoencoderKL.from_pretrained(tmp_path / "out", low_cpu_mem_usage=False).eval()
+    assert again.config.scaling_factor == pytest.approx(0.2)
+    assert again.config.block_out_channels == reference.config.block_out_channels
+    with torch.no_grad():
+        assert torch.equal(again.encode(images).latent_dist.mean, posterior.mean)
 
 
 @needs_diffusers
@@ -203,6 +209,7 @@ def test_the_old_attention_names_of_a_bin_file_are_read_and_written_back(tmp_pat
     assert torch.equal(tokenizer.vae.encoder.mid_block.attentions[0].to_q.weight,
                        old["encoder.mid_block.attentions.0.query.weight"])
     written = export_official(tmp_path / "run", tmp_path / "out")
+    assert [p.name for p in written] == ["diffusion_pytorch_model.bin", "config.json"]
     back = torch.load(written[0], weights_only=True)
     assert written[0].name == "diffusion_pytorch_model.bin" and list(back) == list(old)
     assert all(torch.equal(back[name], tensor) for name, tensor in old.items())

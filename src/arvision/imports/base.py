@@ -220,6 +220,11 @@ class OfficialFamily:
     def generator_to_official(self, ours: StateDict, extras: StateDict, generator: torch.nn.Module) -> StateDict:
         return self.generator_names(generator).to_official(ours, extras)
 
+    def tokenizer_companions(self, tokenizer: torch.nn.Module) -> dict[str, str]:
+        """Text files an export writes beside the tokenizer file (name → content): a diffusers folder's
+        `config.json`; none for the other families."""
+        return {}
+
     def tokenizer_file(self, state: StateDict, layout: str) -> Any:
         """What an export saves for the tokenizer: the state dict where the imported file had it (`layout`: the key
         it was found under, "" for a plain state dict)."""

@@ -207,4 +207,8 @@ def export_official(run_dir: Path, out_dir: Path) -> list[Path]:
         else:
             torch.save(obj, target)
         written.append(target)
+        companions = family.tokenizer_companions(model) if kind == "tokenizer" else {}
+        for name, text in companions.items():  # e.g. a diffusers folder's config.json, beside the weights
+            (target.parent / name).write_text(text)
+            written.append(target.parent / name)
     return written

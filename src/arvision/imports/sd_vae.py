@@ -8,7 +8,8 @@ are the file's under the prefix `vae.`, with one exception: files saved by diffu
 (the 2022 SD-VAE uploads among them) name the attention projections `query`, `key`, `value`, `proj_attn`, which
 diffusers itself renames to `to_q`, `to_k`, `to_v`, `to_out.0` on loading. The import does the same, records the
 file's naming as its layout (`deprecated attention names`), and an export writes those names back. The scaling
-factor is arvision's buffer, not a tensor of the file.
+factor is arvision's buffer, not a tensor of the file; an export writes it into a `config.json` beside the weights
+(diffusers' own config of the model), so the exported folder loads with `AutoencoderKL.from_pretrained`.
 
 `DiffusersVAEFamily` carries this for any family whose tokenizer is the SD-VAE (ACDiT's subclasses it); on its own
 (official=sd_vae_ft_ema, sd_vae_ft_mse) it imports the tokenizer alone.
@@ -107,6 +108,14 @@ class DiffusersVAEFamily(OfficialFamily):
     def tokenizer_to_official(self, ours: StateDict, extras: StateDict, tokenizer: nn.Module) -> StateDict:
         kept = {name: tensor for name, tensor in ours.items() if name != SCALING_BUFFER}
         return self.tokenizer_names(tokenizer).to_official(kept, extras)
+
+    def tokenizer_companions(self, tokenizer: nn.Module) -> dict[str, str]:
+        """The folder's config.json (diffusers' own, with the tokenizer's scaling factor), so that
+        `AutoencoderKL.from_pretrained(<export folder>)` loads the export."""
+        self.tokenizer_names(tokenizer)  # the type check
+        config = json.loads(tokenizer.vae.to_json_string())
+        config["scaling_factor"] = float(tokenizer.scaling_factor)
+        return {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
     def tokenizer_file(self, state: StateDict, layout: str) -> Any:
         """The weights as the imported file had them: a plain state dict, with the old attention names if it had
