@@ -1,19 +1,30 @@
-"""ACDiT's official files (arvision.imports.acdit): parity with the official code from the golden fixture, the name
-map both ways, and wrong files named in one line."""
+"""ACDiT's official files (arvision.imports.acdit): parity with the official code from the golden fixture,
+arvision-import → arvision-sample → arvision-eval end to end on random-weight official-layout files (the SD-VAE as a
+diffusers folder, ACDiT as its training checkpoint), the name map both ways, and wrong files named in one line."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from arvision import pipeline
+from arvision.cli import evaluate as evaluate_cli
+from arvision.cli import sample as sample_cli
+from arvision.cli.common import config_dir
 
 from arvision.generators.acdit import ACDiTGenerator
 from arvision.imports.acdit import GENERATOR_NAMES, ACDiTCheckpoints
 from arvision.imports.base import CheckpointMismatch, find_state_dict, fit, read_official
 from arvision.tokenizers.base import TokenSpec
-from tests.conftest import REPO
+from tests.conftest import REPO, run_import_cli
+from tests.test_pipeline import compose_eval
 
 FIXTURE = REPO / "tests" / "fixtures" / "parity" / "acdit.pt"
 
@@ -82,6 +93,65 @@ def test_sampling_equals_the_official_dpm_solver_trajectories(fixture, imported)
                               generator=torch.Generator().manual_seed(x["seed"]))
     expected = official[f"DPM-Solver++ {x['steps']} steps, cfg {cfg:g}: latents ÷ {x['scales'][cfg]:.0f}"]
     assert (imported.to_blocks(leading) / x["scales"][cfg] - expected).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------- import → sample → eval
+def official_folder(fixture: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """The fixture's VAE as a diffusers folder (config.json + safetensors, as DiT-XL-2-256/vae) and its ACDiT as the
+    training checkpoint."""
+    diffusers = pytest.importorskip("diffusers")
+    config = {k: v for k, v in fixture["vae_config"].items() if not k.startswith("_")}
+    vae = diffusers.AutoencoderKL.from_config(config)
+    vae.load_state_dict(fixture["vae"])
+    vae.save_pretrained(tmp_path / "vae")
+    checkpoint = tmp_path / "ACDiT-XL-img.pt"
+    torch.save({"model": fixture["state"], "ema": fixture["state"], "args": argparse.Namespace(model="ACDiT-XL")},
+               checkpoint)
+    return tmp_path / "vae", checkpoint
+
+
+def sample_config(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="sample", overrides=list(overrides))
+
+
+def test_import_cli_then_decode_sample_and_eval(fixture, tmp_path, capsys):
+    folder, checkpoint = official_folder(fixture, tmp_path)
+    run = tmp_path / "imported"
+    done = run_import_cli(tmp_path, f"official={fixture['preset']}", f"tokenizer_file={folder}",
+                          f"generator_file={checkpoint}", "data=shapes", *fixture["overrides"],
+                          f"hydra.run.dir={run}")
+    assert done.returncode == 0, done.stderr
+    assert f"imported official={fixture['preset']}" in done.stdout
+    record = json.loads((run / "results.json").read_text())
+    assert record["imported"]["family"] == "acdit" and record["imported"]["files"]["generator"]["layout"] == "model"
+    assert record["imported"]["published"]["fid"] == 2.45
+    assert record["config"]["generator"]["sample"] == {"cfg": 1.5, "steps": 25, "sampler": "dpm_solver_pp",
+                                                      "spacing": "linspace", "steps_offset": 0}
+
+    # the imported run reproduces the official trajectory and its decode (the fixture's last cfg)
+    loaded = pipeline.load_run(run)
+    x = fixture["inputs"]
+    cfg, scale = x["cfgs"][-1], x["scales"][x["cfgs"][-1]]
+    latents = loaded.generator.eval().sample(x["sample_labels"], cfg=cfg, steps=x["steps"],
+                                             generator=torch.Generator().manual_seed(x["seed"]))
+    expected = fixture["official"][f"decoded images, cfg {cfg:g} (latents ÷ {scale:.0f})"]
+    with torch.no_grad():
+        images = loaded.tokenizer.eval().decode(latents / scale)
+    torch.testing.assert_close(images, expected, atol=fixture["tolerance"]["images"], rtol=0)
+
+    out = tmp_path / "samples.npz"
+    sample_cli.main.__wrapped__(sample_config(f"run={run}", "num_samples=4", "batch_size=4", f"out={out}",
+                                              "+sample.steps=3"))
+    assert capsys.readouterr().out.startswith(f"wrote {out}: 4 samples")
+    assert np.load(out)["arr_0"].shape == (4, 64, 64, 3)
+    evaluate_cli.main.__wrapped__(compose_eval(
+        f"run={run}", f"paths.artifact_dir={tmp_path / 'artifacts'}", f"paths.data_dir={tmp_path / 'data'}",
+        "metrics.num_samples=4", "metrics.num_reference=16", "metrics.batch_size=4", "metrics.latency_batch_size=null",
+        "metrics.classifier.epochs=0.1", "select=[fid,accuracy]", "+sample.steps=3"))
+    evaluation = json.loads((run / "results.json").read_text())["evaluations"][-1]
+    assert np.isfinite(evaluation["metrics"]["fid"]["value"]) and evaluation["metrics"]["fid"]["num_samples"] == 4
 
 
 # --------------------------------------------------------------------------------------------- names and files

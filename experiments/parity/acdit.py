@@ -49,19 +49,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
 from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: E402
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from arvision import pipeline
+from arvision.cli.common import config_dir
 from arvision.generators.acdit import ACDiTGenerator
 from arvision.imports.acdit import ACDiTCheckpoints
-from arvision.imports.base import find_state_dict, fit, read_official
+from arvision.imports.runs import import_official
 from arvision.tokenizers.base import TokenSpec
 
 FAMILY = "acdit"
+PRESET = "acdit_xl"  # the preset imported (its model keys set to the size compared)
 PUBLISHED = {"acdit_xl": ("ACDiT-XL", dict(dim=1152, depth=28, heads=18)),
              "acdit_h": ("ACDiT-H", dict(dim=1280, depth=32, heads=20))}
 # sizes: (official builder or None for the tiny class call, arvision sizes, latent side, block side, classes)
 TINY = dict(dim=128, depth=2, heads=2, side=8, block=4, classes=10)
 BASE = dict(dim=768, depth=12, heads=12, side=32, block=16, classes=1000)
 CHANNELS = 4
-TOLERANCE = {"eps": 1e-5, "trajectory": 1e-6}  # trajectories: relative to the largest |official latent|
+TOLERANCE = {"eps": 1e-5, "trajectory": 1e-6, "images": 1e-4}  # trajectories: ÷ the largest |official latent|
 
 
 # --------------------------------------------------------------------------------------------- official models
@@ -110,7 +117,7 @@ def randomize_(model: torch.nn.Module, *, seed: int) -> None:
 
 
 def spec_for(size: dict) -> TokenSpec:
-    return TokenSpec(name="vae", kind="continuous", layout="grid", grid=(size["side"],) * 2, dim=CHANNELS)
+    return TokenSpec(name="sd_vae", kind="continuous", layout="grid", grid=(size["side"],) * 2, dim=CHANNELS)
 
 
 def ours_for(size: dict) -> ACDiTGenerator:
@@ -118,27 +125,70 @@ def ours_for(size: dict) -> ACDiTGenerator:
                           heads=size["heads"], patch_size=1, block_size=size["block"] ** 2, attention="sdpa")
 
 
-def imported(model: torch.nn.Module, size: dict, folder: Path) -> ACDiTGenerator:
-    """The official training checkpoint written and read back through the import's name map and strict fit."""
-    path = folder / "ACDiT-img.pt"
+def official_vae(size: dict) -> torch.nn.Module:
+    """diffusers' AutoencoderKL, which sample_img.py decodes with: the SD-VAE's config at the published size, a
+    narrow one of the same class for the tiny model (stride 8 either way)."""
+    from diffusers import AutoencoderKL
+    narrow = size["side"] < 32
+    channels = [8, 16, 16, 16] if narrow else [128, 256, 512, 512]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=channels,
+                        layers_per_block=1 if narrow else 2, latent_channels=CHANNELS,
+                        norm_num_groups=8 if narrow else 32, sample_size=size["side"] * 8, scaling_factor=0.18215)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in vae.parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    return vae.eval()
+
+
+def overrides_for(size: dict) -> list[str]:
+    """The preset's model keys at `size` (the tiny VAE as official_vae builds it)."""
+    out = [f"data.image_size={size['side'] * 8}", f"data.num_classes={size['classes']}",
+           f"generator.model.dim={size['dim']}", f"generator.model.depth={size['depth']}",
+           f"generator.model.heads={size['heads']}", f"generator.model.block_size={size['block'] ** 2}",
+           "generator.model.attention=sdpa"]
+    if size["side"] < 32:
+        out += ["tokenizer.model.block_out_channels=[8,16,16,16]", "tokenizer.model.layers_per_block=1",
+                "tokenizer.model.norm_num_groups=8"]
+    return out
+
+
+def compose_import(overrides: list[str], root: Path) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="import", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir, cfg.paths.output_dir = str(root), str(root / "run")
+        cfg.paths.artifact_dir, cfg.paths.data_dir, cfg.paths.log_dir = (str(root / "artifacts"), str(root / "data"),
+                                                                         str(root / "outputs"))
+    return cfg
+
+
+def imported(model: torch.nn.Module, vae: torch.nn.Module, size: dict, folder: Path) -> pipeline.FinishedRun:
+    """The released layouts — the VAE as a diffusers folder (config.json + diffusion_pytorch_model.safetensors),
+    ACDiT as the training script's checkpoint — imported with arvision-import's code and loaded as arvision-sample
+    loads the run."""
+    vae.save_pretrained(folder / "vae")
+    path = folder / "ACDiT-XL-img.pt"
     torch.save({"model": model.state_dict(), "ema": model.state_dict(),
-                "args": argparse.Namespace(model="ACDiT-B", block_size=size["block"] ** 2, patch_size=1,
+                "args": argparse.Namespace(model="ACDiT-XL", block_size=size["block"] ** 2, patch_size=1,
                                            vae_latent_size=CHANNELS, image_size=size["side"] * 8, num_frames=1)},
                path)
-    family = ACDiTCheckpoints()
-    generator = ours_for(size)
-    state, layout = find_state_dict(read_official(path), path, family.generator_keys)
-    ours, extras = family.generator_to_ours(state, generator)
-    assert layout == "model" and not extras
-    fit(generator, ours, path=path, preset="acdit", official_names=family.generator_names(generator))
-    return generator.eval()
+    cfg = compose_import([f"official={PRESET}", f"tokenizer_file={folder / 'vae'}", f"generator_file={path}",
+                          *overrides_for(size)], folder)
+    import_official(cfg, folder / "run")
+    return pipeline.load_run(folder / "run")
 
 
 # --------------------------------------------------------------------------------------------- the comparison
-def compare(official: Official, model: torch.nn.Module, ours: ACDiTGenerator, *, batch: int, steps: int,
-            cfgs: list[float], seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+def compare(official: Official, model: torch.nn.Module, vae: torch.nn.Module, run: pipeline.FinishedRun, *,
+            batch: int, steps: int, cfgs: list[float], seed: int) -> tuple[dict[str, torch.Tensor],
+                                                                          dict[str, torch.Tensor], dict]:
     """(official outputs, ours, the inputs) for the same inputs; both fp32, eval mode."""
     model.eval()
+    ours, tokenizer = run.generator.eval(), run.tokenizer.eval()
     n, k, c = ours.num_blocks, ours.block_size, ours.token_dim
     gen = torch.Generator().manual_seed(seed)
     clean = torch.randn(batch, n, k, c, generator=gen)
@@ -171,6 +221,15 @@ def compare(official: Official, model: torch.nn.Module, ours: ACDiTGenerator, *,
                               generator=torch.Generator().manual_seed(seed + 1))
         mine[key] = ours.to_blocks(latents) / scale
         scales[cfg] = scale
+    # sample_img.py's decode of the last trajectory: latents ÷ vae.config.scaling_factor through the VAE, saved
+    # with value_range (-1, 1), i.e. clamped, as arvision's decode clamps. The latents are taken ÷ their largest
+    # value first (unit scale, as a trained model's): at ~500 nearly every pixel would sit on the clamp.
+    theirs[f"decoded images, cfg {cfg:g} (latents ÷ {scale:.0f})"] = vae.decode(
+        ours.from_blocks(official_latents) / scale / vae.config.scaling_factor).sample.clamp(-1, 1)
+    mine[f"decoded images, cfg {cfg:g} (latents ÷ {scale:.0f})"] = tokenizer.decode(latents / scale)
+    inside = theirs[f"decoded images, cfg {cfg:g} (latents ÷ {scale:.0f})"].abs().lt(1).float().mean()
+    if inside < 0.5:
+        raise SystemExit(f"only {inside:.0%} of the decoded pixels lie inside the clamp: the row would prove little")
     inputs = {"clean": clean, "noisy": noisy, "t": t, "labels": labels, "sample_labels": sample_labels,
               "steps": steps, "cfgs": cfgs, "seed": seed + 1, "scales": scales}
     return theirs, mine, inputs
@@ -179,7 +238,9 @@ def compare(official: Official, model: torch.nn.Module, ours: ACDiTGenerator, *,
 def rows_for(model: str, size: str, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
              commit: str) -> list[Row]:
     def tolerance(output: str) -> float:
-        return 0.0 if "timesteps" in output else TOLERANCE["eps" if output.startswith("eps") else "trajectory"]
+        if "timesteps" in output:
+            return 0.0
+        return TOLERANCE["eps" if output.startswith("eps") else "images" if "images" in output else "trajectory"]
     return [Row(FAMILY, model, size, output, max_abs(ours[output], theirs[output]), tolerance(output), commit)
             for output in theirs]
 
@@ -189,15 +250,18 @@ def tiny(official: Official, commit: str, *, fixture: bool) -> list[Row]:
     torch.manual_seed(0)
     model = official.build(TINY)
     randomize_(model, seed=1)
+    vae = official_vae(TINY)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = imported(model, TINY, Path(tmp))
-    theirs, mine, inputs = compare(official, model, ours, batch=3, steps=25, cfgs=[1.0, 1.5, 4.0], seed=2)
+        run = imported(model, vae, TINY, Path(tmp))
+        theirs, mine, inputs = compare(official, model, vae, run, batch=3, steps=25, cfgs=[1.0, 1.5, 4.0], seed=2)
     if fixture:
         save_fixture(FAMILY, {
             "about": "ACDiT parity: the official-layout state dict of a tiny ACDiT (seeded random weights), the "
                      "inputs, and the official code's outputs on them (experiments/parity/acdit.py --fixture)",
             "official_commit": commit, "size": TINY,
             "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "vae": {k: v.clone() for k, v in vae.state_dict().items()}, "vae_config": dict(vae.config),
+            "overrides": overrides_for(TINY), "preset": PRESET,
             "inputs": inputs, "official": theirs, "tolerance": TOLERANCE})
     return rows_for("tiny: width 128, 2 layers, 8×8×4 latent, 4 blocks", "tiny", theirs, mine, commit)
 
@@ -206,9 +270,10 @@ def base(official: Official, commit: str) -> list[Row]:
     torch.manual_seed(0)
     model = official.build(BASE, "ACDiT-B")
     randomize_(model, seed=1)
+    vae = official_vae(BASE)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = imported(model, BASE, Path(tmp))
-    theirs, mine, _ = compare(official, model, ours, batch=1, steps=4, cfgs=[1.5], seed=2)
+        run = imported(model, vae, BASE, Path(tmp))
+        theirs, mine, _ = compare(official, model, vae, run, batch=1, steps=4, cfgs=[1.5], seed=2)
     return rows_for("ACDiT-B (32×32×4 latent, 4 blocks of 256)", "published", theirs, mine, commit)
 
 

@@ -4,7 +4,9 @@ Files and where their tensors sit:
 - `ACDiT-{XL,H}-img.pt`: the training script's checkpoint `{"model", "ema", "opt", "lrs", "args"}` (`args` an
   argparse.Namespace; released files may hold fewer entries). The official sampler (`sample_img.py`) loads
   `checkpoint["model"]` strictly, so the presets read `model` too (`ema: true` takes `ema` where the file has it).
-- the VAE: SD-VAE (ft-EMA, as DiT's `facebook/DiT-XL-2-256` subfolder `vae`), diffusers' AutoencoderKL.
+- the VAE: the SD-VAE that sample_img.py loads (`AutoencoderKL.from_pretrained("facebook/DiT-XL-2-256",
+  subfolder="vae")`, the ft-EMA decoder): a diffusers folder, imported as `DiffusersVAEFamily` does
+  (`tokenizer=sd_vae`, names under `vae.`, the scaling factor from the folder's config.json).
 
 Generator names (official `ACDiT` → arvision `ACDiTGenerator`, which keeps arvision's module names):
 `blocks.{i}` → `layers.{i}` with `norm1` → `attention_norm`, `attn.qkv` → `attention.wqkv`, `attn.proj` →
@@ -21,7 +23,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from arvision.imports.base import OfficialFamily, StateMap
+from arvision.imports.base import StateMap
+from arvision.imports.sd_vae import DiffusersVAEFamily
 
 GENERATOR_NAMES = StateMap(pairs=[
     ("blocks.{i}.norm1.{path}", "layers.{i}.attention_norm.{path}"),
@@ -36,7 +39,9 @@ GENERATOR_NAMES = StateMap(pairs=[
 ])
 
 
-class ACDiTCheckpoints(OfficialFamily):
+class ACDiTCheckpoints(DiffusersVAEFamily):
+    """The SD-VAE folder as the tokenizer (DiffusersVAEFamily), the ACDiT checkpoint as the generator."""
+
     name = "acdit"
     generator_keys: ClassVar[tuple[str, ...]] = ("model",)
     ema_keys: ClassVar[tuple[str, ...]] = ("ema",)
