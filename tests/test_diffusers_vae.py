@@ -22,7 +22,7 @@ from arvision.imports.sd_vae import DEPRECATED_ATTENTION, RENAMED
 from arvision.tokenizers.base import MissingExtra
 from arvision.tokenizers.diffusers_vae import SD_SCALING_FACTOR, DiffusersVAETokenizer
 from arvision.utils.files import UnreadableFile
-from tests.conftest import compose_import, compose_train, run_import_cli
+from tests.conftest import compose_import, compose_train
 
 
 def installed(module: str) -> bool:
@@ -153,11 +153,10 @@ def test_a_diffusers_folder_imports_as_from_pretrained_loads_it_and_exports_back
 
     folder = tmp_path / "vae"
     diffusers_folder(folder, scaling_factor=0.2)  # the config's factor, not the preset's, is the one used
-    run = tmp_path / "imported"
-    done = run_import_cli(tmp_path, f"official={PRESET}", f"tokenizer_file={folder}", *SMALL_OVERRIDES,
-                          f"hydra.run.dir={run}")
-    assert done.returncode == 0, done.stderr
-    assert f"imported official={PRESET}" in done.stdout and "no generator" in done.stdout
+    run = tmp_path / "imported"  # (the command line itself: tests/test_kl16.py)
+    done = import_official(compose_import([f"official={PRESET}", f"tokenizer_file={folder}", *SMALL_OVERRIDES],
+                                          tmp_path), run)
+    assert done.message.startswith(f"imported official={PRESET}") and "no generator" in done.message
     record = json.loads((run / "results.json").read_text())
     assert record["generator"] is None and record["imported"]["files"]["tokenizer"]["layout"] == ""
     assert record["imported"]["files"]["tokenizer"]["path"] == str((folder / WEIGHTS).resolve())
