@@ -3,6 +3,7 @@
     arvision-import official=var_d16 tokenizer_file=vae_ch160v4096z32.pth generator_file=var_d16.pth
     arvision-import official=llamagen_c2i_l_384 tokenizer_file=vq_ds16_c2i.pt generator_file=c2i_L_384.pt
     arvision-import official=var_d16 ... hydra.run.dir=runs/var_d16           # choose the run folder
+    arvision-import official=sd_vae_ft_ema tokenizer_file=<vae folder>        # a tokenizer alone (no generator)
 
 The presets are conf/official/*.yaml; what is written: `arvision.imports.runs`.
 """
