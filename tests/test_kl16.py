@@ -211,6 +211,11 @@ def test_tokenizer_only_import_cli_and_the_export_round_trip(tmp_path):
     vae.eval()
     assert torch.equal(tokenizer.posterior(images).mean, vae.posterior(images).mean)
 
+    # sampling or evaluating it says in one line that there is no generator
+    with pytest.raises(pipeline.ConfigError, match=r"holds a tokenizer and no generator \(a stage-1 run or an "
+                                                   r"imported tokenizer\)"):
+        pipeline.load_run(run)
+
     written = export_official(run, tmp_path / "out")
     assert [p.name for p in written] == ["kl16.ckpt"]
     back = read_official(written[0])

@@ -515,6 +515,10 @@ def load_run(run_dir: str | Path, *, ema: bool = True, overrides: Mapping[str, A
     """A finished run directory's record, tokenizer and generator (EMA weights by default); the sampling
     `overrides` are checked against the run's settings before any weights are read."""
     results = read_results(run_dir)
+    if results.get("generator") is None:  # train_generator=false, or an imported tokenizer (official=mar_kl16)
+        raise ConfigError(f"{run_dir} holds a tokenizer and no generator (a stage-1 run or an imported tokenizer): "
+                          f"sampling and generator metrics need a run with a generator; the tokenizer is "
+                          f"{results.get('tokenizer_artifact')}")
     run_sample = results["config"]["generator"]["sample"]
     sampling = sampling_settings(run_sample, overrides or {}, generator=results["config"]["generator"]["name"])
     tokenizer = load_tokenizer(Path(results["tokenizer_artifact"]))
