@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arvision.generators.base import IncompatibleTokenizer
-from arvision.generators.flowar import FlowARGenerator, scale_positions
+from arvision.generators.flowar import FlowARGenerator, GatedMLP, flowar_hidden, scale_positions, time_grid_for
 from arvision.nn.attention import Attention
 from arvision.nn.masks import flex_available, is_block_mask
 from arvision.tokenizers.base import TokenSpec
@@ -26,13 +26,14 @@ def make(head: str = "spatial", *, seed: int = 0, **kwargs) -> FlowARGenerator:
     kwargs = {"dim": 32, "depth": 2, "heads": 2, "head_width": 32, "head_depth": 2, "head_heads": 2,
               "attention": "sdpa", **kwargs}
     model = FlowARGenerator(spec=VAE, num_classes=NUM_CLASSES, head=head, **kwargs)
-    torch.nn.init.normal_(model.head.output.weight, std=0.3)  # the zero-initialised output would hide the head
+    if head == "mlp":
+        torch.nn.init.normal_(model.head.output.weight, std=0.3)  # MAR's zero-initialised output would hide the head
     return model.eval()
 
 
 @functools.cache
-def shared(head: str = "spatial", positions: str = "both") -> FlowARGenerator:
-    return make(head, positions=positions)
+def shared(head: str = "spatial", positions: str = "both", backbone: str = "official") -> FlowARGenerator:
+    return make(head, positions=positions, backbone=backbone)
 
 
 def batch(b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +63,56 @@ def test_scales_default_and_validation() -> None:
             make(scales=bad)
     with pytest.raises(ValueError, match="head must be"):
         make(head="conv")
+    for key in ("backbone", "mlp", "head_out_init"):
+        with pytest.raises(ValueError, match=f"{key} must be one of"):
+            make(**{key: "other"})
+
+
+def test_official_build_two_stacks_biases_and_flowar_mlp_widths() -> None:
+    """FlowAR's layout: encoder stack, norm, decoder_embed, decoder table and stack, decoder_norm, the head's table;
+    attention with q/k/v and output biases; timm's SwiGLU (GELU gate, biases) int(8d/3) wide, in the head too."""
+    model = shared()
+    assert len(model.layers) == len(model.decoder_layers) == 2 and model.decoder_embed is not None
+    assert model.pos_embed.shape == model.decoder_pos_embed.shape == model.head_pos_embed.shape == (1, 85, 32)
+    block = model.layers[0]
+    assert block.attention.wqkv.bias is not None and block.attention.wo.bias is not None
+    assert isinstance(block.feed_forward, GatedMLP) and block.feed_forward.fc1_g.out_features == flowar_hidden(32)
+    head_block = model.head.blocks[0]
+    assert head_block.attn.qkv.bias is None and head_block.attn.proj.bias is not None  # FlowAR's head attention
+    assert isinstance(head_block.mlp, GatedMLP) and head_block.mlp.fc1_x.out_features == 85
+    assert [flowar_hidden(d) for d in (768, 1024, 1536)] == [2048, 2730, 4096]
+    single = shared(backbone="single_stack")
+    assert single.decoder_embed is None and single.decoder_pos_embed is None and len(single.decoder_layers) == 0
+    assert len(single.new_caches()) == 2 and len(model.new_caches()) == 4
+    earlier = make(mlp="swiglu", bias=False)
+    assert earlier.layers[0].attention.wqkv.bias is None and earlier.head.blocks[0].mlp.w1.out_features == 128
+
+
+def test_gated_mlp_is_timms_swiglu_with_a_gelu_gate() -> None:
+    torch.manual_seed(0)
+    mlp = GatedMLP(8, 12)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 8)
+    gate, value = x @ mlp.fc1_g.weight.T + mlp.fc1_g.bias, x @ mlp.fc1_x.weight.T + mlp.fc1_x.bias
+    expected = (0.5 * gate * (1 + torch.erf(gate / 2**0.5)) * value) @ mlp.fc2.weight.T + mlp.fc2.bias
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_initialisation_is_flowars_effective_one() -> None:
+    """FlowAR's model-wide Xavier pass runs after the head's own init: every linear is Xavier with zero biases, the
+    head's output and time MLP included; head_out_init=zero zeroes the output."""
+    torch.manual_seed(0)
+    model = FlowARGenerator(spec=VAE, num_classes=NUM_CLASSES, dim=32, depth=1, heads=2, head_width=64, head_heads=1)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    for layer in (model.head.output, model.head.time_embed.mlp[0], model.decoder_embed):
+        bound = (6 / (layer.in_features + layer.out_features)) ** 0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.8 * bound
+    torch.testing.assert_close(model.pos_embed.std(), torch.tensor(0.02), atol=2e-3, rtol=0)
+    zero = FlowARGenerator(spec=VAE, num_classes=NUM_CLASSES, dim=32, depth=1, heads=2, head_width=64, head_heads=1,
+                           head_out_init="zero")
+    assert not zero.head.output.weight.any() and zero.head.final_ada.weight.any()
 
 
 def test_rope_coordinates_are_normalised_to_the_finest_grid() -> None:
@@ -112,9 +163,10 @@ def test_backbone_is_block_causal_over_scales(pos: int) -> None:
     assert not changed[:first].any() and changed[first:model.offsets[scale + 1]].all()
 
 
-@pytest.mark.parametrize("positions", ["both", "learned", "rope"])
-def test_cached_scale_by_scale_equals_one_block_causal_pass(positions: str) -> None:
-    model = shared(positions=positions)
+@pytest.mark.parametrize("positions,backbone", [("both", "official"), ("learned", "official"), ("rope", "official"),
+                                               ("both", "single_stack")])
+def test_cached_scale_by_scale_equals_one_block_causal_pass(positions: str, backbone: str) -> None:
+    model = shared(positions=positions, backbone=backbone)
     latents, labels = batch()
     with torch.no_grad():
         full, _ = model(latents, labels)
@@ -124,7 +176,7 @@ def test_cached_scale_by_scale_equals_one_block_causal_pass(positions: str) -> N
         pieces = [model.backbone(x[:, a:b], emb, start=a, caches=caches)
                   for a, b in zip(model.offsets[:-1], model.offsets[1:])]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
-    assert caches[0].length == model.seq_len
+    assert all(cache.length == model.seq_len for cache in caches)
 
 
 @pytest.mark.skipif(not flex_available(), reason="FlexAttention needs torch >= 2.5")
@@ -174,23 +226,28 @@ def test_attention_dropout_trains_the_backbone_on_the_dense_mask() -> None:
 # --- the heads --------------------------------------------------------------------------------------------------------------
 
 
-def test_spatial_head_attends_within_a_scale_only_and_mlp_head_per_token() -> None:
+def test_spatial_and_cross_heads_attend_within_a_scale_only_and_mlp_head_per_token() -> None:
     gen = torch.Generator().manual_seed(0)
     x, z = torch.randn(2, 85, 4, generator=gen), torch.randn(2, 85, 32, generator=gen)
     t = torch.rand(2, 4, generator=gen)[:, shared().segments]
-    for head in ("spatial", "mlp"):
+    for head in ("spatial", "cross", "mlp"):
         model = shared(head)
         with torch.no_grad():
-            full = model.velocity(x, t, z, attn_mask=model.head_mask if head == "spatial" else None)
+            full = model.velocity(x, t, z, attn_mask=model.head_mask if head != "mlp" else None)
             for a, b in zip(model.offsets[:-1], model.offsets[1:]):  # one call per scale (as at sampling)
                 part = model.velocity(x[:, a:b], t[:, a:b], z[:, a:b], start=a)
                 torch.testing.assert_close(part, full[:, a:b], atol=1e-5, rtol=1e-5)
             x2 = x.clone()
             x2[:, 30] += 1.0  # a token of the 8×8 scale
-            moved = (model.velocity(x2, t, z, attn_mask=model.head_mask if head == "spatial" else None)
+            moved = (model.velocity(x2, t, z, attn_mask=model.head_mask if head != "mlp" else None)
                      - full).abs().amax(dim=(0, 2)) > 1e-6
-        assert not moved[:21].any()
-        expected = (moved[21:].sum() > 1) if head == "spatial" else (moved.nonzero().flatten().tolist() == [30])
+            z2 = z.clone()
+            z2[:, 30] += 1.0  # the condition of that token
+            moved_z = (model.velocity(x, t, z2, attn_mask=model.head_mask if head != "mlp" else None)
+                       - full).abs().amax(dim=(0, 2)) > 1e-6
+        assert not moved[:21].any() and not moved_z[:21].any()
+        expected = (moved[21:].sum() > 1) if head != "mlp" else (moved.nonzero().flatten().tolist() == [30])
+        assert head == "mlp" or moved_z[21:].sum() > 1  # (MAR's zero adaLN: its conditions start unread)
         assert expected, moved.nonzero().flatten().tolist()
 
 
@@ -242,7 +299,7 @@ def test_head_and_loss_run_in_fp32_under_autocast() -> None:
     latents, labels = batch()
     dtypes, backbone = [], []
     hooks = [model.head.output.register_forward_hook(lambda m, i, o: dtypes.append((i[0].dtype, o.dtype))),
-             model.layers[0].feed_forward.w2.register_forward_hook(lambda m, i, o: backbone.append(o.dtype))]
+             model.layers[0].feed_forward.fc2.register_forward_hook(lambda m, i, o: backbone.append(o.dtype))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.loss(latents, labels)
     for hook in hooks:
@@ -253,7 +310,7 @@ def test_head_and_loss_run_in_fp32_under_autocast() -> None:
     assert all(p.grad is not None for p in model.head.parameters())
 
 
-@pytest.mark.parametrize("head", ["spatial", "mlp"])
+@pytest.mark.parametrize("head", ["spatial", "cross", "mlp"])
 def test_loss_decreases_when_overfitting(head: str) -> None:
     model = make(head, class_dropout=0.0).train()
     torch.nn.init.zeros_(model.head.output.weight)
@@ -303,8 +360,37 @@ def test_cfg_ramp_over_scales() -> None:
         model.scale_cfg(3.0, 0, "cosine")
 
 
+def test_time_grids_follow_flowars_sampler() -> None:
+    """time_grid=flowar: FlowAR's Euler grid (uniform at exactly 50 steps) for Euler and Heun, its SDE grid
+    linspace(1, 0.04, steps) + 0 for Euler–Maruyama."""
+    assert [time_grid_for(s, "flowar") for s in ("euler", "heun", "euler_maruyama")] == ["flowar", "flowar", "sde"]
+    assert time_grid_for("euler_maruyama", "uniform") == "uniform"
+    with pytest.raises(ValueError, match="flow sampler must be one of"):
+        time_grid_for("rk4", "flowar")
+    with pytest.raises(ValueError, match="time_grid must be one of"):
+        shared().sample(torch.tensor([0]), time_grid="cosine")
+    model = shared()
+    assert model.sampling_cost(steps=25).head_passes == 4 * 24
+    assert model.sampling_cost(steps=50).head_passes == 4 * 50  # the uniform grid: 51 points
+    assert model.sampling_cost(steps=48).head_passes == 4 * 48
+    assert model.sampling_cost(steps=25, sampler="euler_maruyama").head_passes == 4 * 25
+
+
+def test_given_noise_is_the_noise_the_generator_would_draw() -> None:
+    model = shared()
+    labels = torch.tensor([1, 4])
+    drawn = model.sample(labels, cfg=2.0, steps=4, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    noise = [torch.randn(2, s * s, 4, generator=gen) for s in model.scales]
+    torch.testing.assert_close(model.sample(labels, cfg=2.0, steps=4, noise=noise), drawn, atol=0, rtol=0)
+    steps = [[torch.randn(2, s * s, 4) for _ in range(4)] for s in model.scales]
+    sde = [model.sample(labels, cfg=2.0, steps=4, noise=noise, step_noise=steps, sampler="euler_maruyama")
+           for _ in range(2)]
+    assert torch.equal(sde[0], sde[1]) and not torch.allclose(sde[0], drawn)
+
+
 @pytest.mark.parametrize("sampler,grid,steps", [("euler", "flowar", 6), ("heun", "uniform", 3),
-                                                ("euler_maruyama", "uniform", 3)])
+                                                ("euler_maruyama", "uniform", 3), ("euler_maruyama", "flowar", 3)])
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_sampling_cost_counts_what_sampling_runs(sampler: str, grid: str, steps: int, cfg: float) -> None:
     model = shared("mlp")
@@ -321,9 +407,8 @@ def test_sampling_cost_counts_what_sampling_runs(sampler: str, grid: str, steps:
     assert cost.passes == len(backbone_rows) + len(head_rows)
     rows = 2 * cost.rows_per_pass_factor
     assert [r for r, _ in backbone_rows] == [rows] * 4 and [n for _, n in backbone_rows] == [1, 4, 16, 64]
-    # the linear ramp leaves the first scale unguided (weight 1): B rows there, 2B after
-    per_scale = len(head_rows) // 4
-    assert [r for r, _ in head_rows] == [2] * per_scale + [rows] * (3 * per_scale)
+    # the linear ramp leaves the first scale unguided (weight 1), yet its head runs 2B rows too, as FlowAR's
+    assert [r for r, _ in head_rows] == [rows] * len(head_rows)
 
 
 def test_tiny_run_end_to_end(tiny_cfg, tmp_path) -> None:

@@ -49,7 +49,7 @@ import torch
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSource = Sequence[torch.Tensor] | Callable[[int], torch.Tensor] | None
 
-TIME_GRIDS = ("uniform", "flowar")
+TIME_GRIDS = ("uniform", "flowar", "sde")
 BETA_SCHEDULES = ("linear", "cosine")
 SPACINGS = ("leading", "linspace", "trailing")
 SOLVERS = ("ddim", "dpm_solver")  # whose spacing rules `inference_timesteps` follows (diffusers' schedulers)
@@ -109,10 +109,12 @@ def _noise_at(source: NoiseSource, i: int, like: torch.Tensor, generator: torch.
 def time_grid(kind: str, steps: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """Float64 times from 1 (noise) down to 0 (data); len − 1 network evaluations for Euler.
 
-    `uniform`: steps + 1 points. `flowar`: FlowAR's non-uniform grid, steps//2 points linspace(1 → 0.3) then
-    steps//2 + 1 points linspace(0.25 → 0) (dense near the data; 2·(steps//2) intervals, so 24 for steps = 25).
+    `uniform`: steps + 1 points. `flowar`: FlowAR's Euler grid, steps//2 points linspace(1 → 0.3) then
+    steps//2 + 1 points linspace(0.25 → 0) (dense near the data; 2·(steps//2) intervals, so 24 for steps = 25),
+    except at exactly 50 steps, where FlowAR's `euler_sampler` switches to the uniform grid. `sde`: FlowAR's (SiT's)
+    Euler–Maruyama grid, linspace(1 → 0.04, steps) then 0 (steps intervals).
     """
-    if kind == "uniform":
+    if kind == "uniform" or (kind == "flowar" and steps == 50):
         if steps < 1:
             raise ValueError(f"need steps >= 1, got {steps}")
         return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
@@ -122,6 +124,11 @@ def time_grid(kind: str, steps: int, *, device: torch.device | str | None = None
         half = steps // 2
         return torch.cat([torch.linspace(1.0, 0.3, half, dtype=torch.float64, device=device),
                           torch.linspace(0.25, 0.0, half + 1, dtype=torch.float64, device=device)])
+    if kind == "sde":
+        if steps < 2:
+            raise ValueError(f"the sde time grid needs steps >= 2, got {steps}")
+        return torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64, device=device),
+                          torch.zeros(1, dtype=torch.float64, device=device)])
     raise ValueError(f"time grid must be one of {TIME_GRIDS}, got {kind!r}")
 
 
@@ -189,20 +196,22 @@ class RectifiedFlow:
                        state_dtype: torch.dtype = torch.float64) -> Sampled:
         """The reverse SDE with diffusion coefficient g² = 2t (FlowAR/SiT `euler_maruyama_sampler`):
         drift v − ½·g²·score, score from the velocity of the linear path, score = −(x + (1 − t)·v)/t.
-        The last interval is a deterministic Euler step (the score is singular at t = 0). Per-step noise comes
-        from `step_noise` (a list or callable i → tensor) or `generator`; len − 1 evaluations."""
+        The last interval takes the drift without noise (SiT's and FlowAR's final mean step; a plain velocity step
+        where it starts at t = 0, where the score is singular). Per-step noise comes from `step_noise` (a list or
+        callable i → tensor) or `generator`; len − 1 evaluations."""
         dtype, x = noise.dtype, noise.to(state_dtype)
         grid = timesteps.tolist()
         for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
             v = guided(model_fn, x.to(dtype), t_cur, cfg=cfg, guidance_interval=guidance_interval).to(state_dtype)
             dt = t_next - t_cur
-            if i == len(grid) - 2 or t_cur <= 0:
+            if t_cur <= 0:
                 x = x + dt * v
                 continue
             score = -(x + (1 - t_cur) * v) / t_cur
             diffusion = 2 * t_cur
             x = x + dt * (v - 0.5 * diffusion * score)
-            x = x + math.sqrt(diffusion * abs(dt)) * _noise_at(step_noise, i, x, generator)
+            if i < len(grid) - 2:
+                x = x + math.sqrt(diffusion * abs(dt)) * _noise_at(step_noise, i, x, generator)
         return Sampled(x.to(dtype), len(grid) - 1)
 
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, sampler: str = "euler", steps: int = 25,
