@@ -163,7 +163,7 @@ def test_import_cli_then_sample_and_eval_the_imported_run(tmp_path, capsys):
     imported = record["imported"]
     assert imported["family"] == "flowar" and imported["preset"] == PRESET
     assert imported["files"]["tokenizer"]["layout"] == "model" and imported["files"]["generator"]["layout"] == ""
-    assert imported["published"]["paper"]["fid"] == 3.61
+    assert imported["published"]["fid"] == 3.61 and "paper" in imported["published"]["source"]
     sample = record["config"]["generator"]["sample"]  # the README's evaluation command
     assert {k: sample[k] for k in ("cfg", "steps", "sampler", "time_grid", "guidance_high", "cfg_schedule")} == {
         "cfg": 4.3, "steps": 25, "sampler": "euler", "time_grid": "flowar", "guidance_high": 0.9,

@@ -38,7 +38,8 @@ def rows() -> list[dict[str, str]]:
         published, sample = official.get("published", {}), OmegaConf.to_container(cfg.generator.sample, resolve=True)
         paper = published.get("paper") or {}
         settings = " ".join(f"{k}={v}" for k, v in sample.items() if v is not None and k in
-                            ("cfg", "top_k", "top_p", "temperature", "cfg_interval", "more_smooth", "schedule"))
+                            ("cfg", "top_k", "top_p", "temperature", "cfg_interval", "more_smooth", "schedule",
+                             "guidance_high"))
         out.append({"preset": path.stem, "files": " + ".join(official["files"].values()),
                     "px": str(cfg.data.image_size), "sample": settings, "FID": _number(published.get("fid")),
                     "IS": _number(published.get("is")), "source": published.get("source") or "",
