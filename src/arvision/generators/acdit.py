@@ -286,9 +286,10 @@ class ACDiTGenerator(Generator):
         return rearrange(blocks, "b (nh nw) (bh bw) (p1 p2 c) -> b c (nh bh p1) (nw bw p2)", bh=bh, bw=bw, p1=p, p2=p,
                          nh=self.grid[0] // bh)
 
-    def training_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Dense SCAM of the training sequence (without c_{N−1}): ((2N−1)·K, (2N−1)·K)."""
-        keep = torch.ones(2 * self.seq_len, dtype=torch.bool)
+    def training_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Dense SCAM of the training sequence (without c_{N−1}): ((2N−1)·K, (2N−1)·K). Built on a real device
+        (the CPU by default) even when the model is built on the meta device: boolean indexing has no meta form."""
+        keep = torch.ones(2 * self.seq_len, dtype=torch.bool, device=device)
         keep[(self.num_blocks - 1) * self.block_size:self.seq_len] = False
         full = skip_causal_mask(self.block_size, self.num_blocks, device=device)
         return full[keep][:, keep]
