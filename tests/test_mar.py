@@ -284,6 +284,21 @@ def test_cfg_guides_eps_and_keeps_the_conditional_variance() -> None:
     assert torch.allclose(out, ref)
 
 
+def test_clip_denoised_bounds_a_diverging_chain() -> None:
+    """An ε off by 0.05 at t = 999 is amplified by 1/√ᾱ_999 ≈ 10⁴ in the x0 prediction (what an undertrained head
+    does at the first step), and a network that cannot follow inputs beyond its training range (here: ±3) never
+    recovers; clamping x0 keeps every step's mean inside the clamp's range."""
+    process = LearnedVarianceDiffusion(timesteps=space_timesteps(1000, 20))
+
+    def off_by_a_little(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.clamp(-3, 3) + 0.05, torch.zeros_like(x)], -1)
+
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    wild = process.sample(off_by_a_little, noise, temperature=0.0).sample
+    tame = process.sample(off_by_a_little, noise, temperature=0.0, clip_denoised=3.0).sample
+    assert wild.abs().max() > 100 and tame.abs().max() <= 3.0 + 1e-4
+
+
 # --- sampling ---------------------------------------------------------------------------------------------------------
 
 

@@ -403,22 +403,26 @@ class MARGenerator(Generator):
         return 1.0 + (cfg - 1.0) * (self.seq_len - masked_after) / self.seq_len
 
     def _head_sample(self, z: torch.Tensor, *, guided: bool, cfg: float, temperature: float, steps: int,
+                     clip_denoised: float,
                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens (rows, …) and, for the cross-entropy head, their log-probabilities. z has 2·rows under CFG."""
         if guided and cfg == 1.0:
             z = z[: z.shape[0] // 2]
         if isinstance(self.diffloss, DiffusionHead):
-            return self.diffloss.sample(z, cfg=cfg, temperature=temperature, steps=steps, generator=generator), None
+            return self.diffloss.sample(z, cfg=cfg, temperature=temperature, steps=steps, clip_denoised=clip_denoised,
+                                        generator=generator), None
         return self.diffloss.sample_with_log_prob(z, cfg=cfg, temperature=temperature, generator=generator)
 
     @torch.inference_mode()
     def sample(self, labels: torch.Tensor, *, cfg: float = 1.0, generator: torch.Generator | None = None,
                num_iter: int = 64, num_sampling_steps: int = 100, temperature: float = 1.0,
-               cfg_schedule: str = "linear", remask: str = "auto", choice_temperature: float = 4.5) -> torch.Tensor:
+               cfg_schedule: str = "linear", remask: str = "auto", choice_temperature: float = 4.5,
+               clip_denoised: float = 0.0) -> torch.Tensor:
         """Tokens for `labels` (B,): bidirectional, `num_iter` masked steps (MAR's `sample_tokens`); causal, one
         cached step per token. `num_sampling_steps`: the diffusion head's respaced steps; `temperature`: τ on the
         head's noise (or the logits); `remask`: random (by order), confidence (MaskGIT), auto (confidence for the
-        bidirectional cross-entropy model, else random)."""
+        bidirectional cross-entropy model, else random); `clip_denoised` > 0 clamps the diffusion head's x0
+        predictions to ±clip_denoised (0: none, MAR)."""
         remask = self._settings(num_iter=num_iter, cfg_schedule=cfg_schedule, remask=remask)
         was_training = self.training
         self.eval()
@@ -427,7 +431,8 @@ class MARGenerator(Generator):
             rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
             class_emb = self.class_embedding(rows)
             order = self.orders(labels.shape[0], device=labels.device, generator=generator)
-            step = dict(guided=guided, temperature=temperature, steps=num_sampling_steps, generator=generator)
+            step = dict(guided=guided, temperature=temperature, steps=num_sampling_steps, generator=generator,
+                        clip_denoised=clip_denoised)
             if self.causal:
                 seq = self._sample_causal(class_emb, order, cfg=cfg, cfg_schedule=cfg_schedule, **step)
             else:
@@ -443,9 +448,11 @@ class MARGenerator(Generator):
         return torch.zeros(batch, self.seq_len, dtype=torch.long, device=device)
 
     def _sample_masked(self, class_emb: torch.Tensor, order: torch.Tensor, *, cfg: float, cfg_schedule: str,
-                       num_iter: int, remask: str, choice_temperature: float, guided: bool, temperature: float,
-                       steps: int, generator: torch.Generator | None) -> torch.Tensor:
+                       num_iter: int, remask: str, choice_temperature: float, **step: Any) -> torch.Tensor:
+        """MAR's `sample_tokens` loop; `step`: the head's settings (guided, temperature, steps, clip_denoised,
+        generator)."""
         batch, device = order.shape[0], order.device
+        guided, generator = step["guided"], step["generator"]
         seq = self._empty_sequence(batch, device)
         mask = torch.ones(batch, self.seq_len, dtype=torch.bool, device=device)
         schedule = mask_schedule(self.seq_len, num_iter)
@@ -457,8 +464,7 @@ class MARGenerator(Generator):
                 continue
             cfg_k = self.step_cfg(cfg, masked_len, cfg_schedule) if guided else 1.0
             if remask == "confidence":
-                tokens, log_p = self._head_sample(z[twice(mask)], cfg=cfg_k, **self._kw(guided, temperature, steps,
-                                                                                           generator))
+                tokens, log_p = self._head_sample(z[twice(mask)], cfg=cfg_k, **step)
                 candidates = seq.masked_scatter(mask, tokens)
                 confidence = torch.full(mask.shape, math.inf, device=device)
                 gumbel = -torch.log(-torch.log(torch.rand(mask.shape, generator=generator,
@@ -475,21 +481,18 @@ class MARGenerator(Generator):
             else:
                 mask_next = masked_by_order(order, after)
                 to_pred = mask & ~mask_next
-                tokens, _ = self._head_sample(z[twice(to_pred)], cfg=cfg_k, **self._kw(guided, temperature, steps,
-                                                                                       generator))
+                tokens, _ = self._head_sample(z[twice(to_pred)], cfg=cfg_k, **step)
                 seq = seq.clone()
                 seq[to_pred] = tokens.to(seq.dtype)
             mask = mask_next
         return seq
 
-    @staticmethod
-    def _kw(guided: bool, temperature: float, steps: int, generator: torch.Generator | None) -> dict[str, Any]:
-        return dict(guided=guided, temperature=temperature, steps=steps, generator=generator)
 
     def _sample_causal(self, class_emb: torch.Tensor, order: torch.Tensor, *, cfg: float, cfg_schedule: str,
-                       guided: bool, temperature: float, steps: int,
-                       generator: torch.Generator | None) -> torch.Tensor:
+                       **step: Any) -> torch.Tensor:
+        """One token per step along the order, each step one cached pass over one new slot."""
         batch, device, buf, n = order.shape[0], order.device, self.buffer_size, self.seq_len
+        guided = step["guided"]
         known = self._empty_sequence(batch, device)  # generation order
         rows_order = torch.cat([order, order]) if guided else order
         caches = [KVCache(buf + n - 1) for _ in range(len(self.encoder_blocks) + len(self.decoder_blocks))]
@@ -499,7 +502,7 @@ class MARGenerator(Generator):
             z = self.causal_pass(start, end, rows_known, rows_order, class_emb, caches)[:, -1]
             z = z + self.diffusion_pos_embed_learned[0][rows_order[:, j]]
             cfg_j = self.step_cfg(cfg, max(n - j - 1, 1), cfg_schedule) if guided else 1.0
-            tokens, _ = self._head_sample(z, cfg=cfg_j, **self._kw(guided, temperature, steps, generator))
+            tokens, _ = self._head_sample(z, cfg=cfg_j, **step)
             known[:, j] = tokens.to(known.dtype)
         seq = torch.empty_like(known)
         index = order if known.ndim == 2 else order[..., None].expand_as(known)

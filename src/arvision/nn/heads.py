@@ -132,10 +132,11 @@ class DiffusionHead(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def sample(self, z: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0, steps: int = 100,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-               step_noise: NoiseSource = None) -> torch.Tensor:
+               clip_denoised: float = 0.0, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None, step_noise: NoiseSource = None) -> torch.Tensor:
         """Tokens (rows, C) for conditions z: (rows, cond_dim), or (2·rows) [cond; uncond] when cfg ≠ 1. Initial
-        noise (shared by both halves) from `noise` or `generator`."""
+        noise (shared by both halves) from `noise` or `generator`; `clip_denoised` > 0 clamps every x0 prediction
+        to ±clip_denoised (`LearnedVarianceDiffusion.p_mean_log_var`)."""
         rows = z.shape[0] // 2 if cfg != 1.0 else z.shape[0]
         if noise is None:
             device = generator.device if generator is not None else z.device
@@ -145,8 +146,8 @@ class DiffusionHead(nn.Module):
             return self.net(x, t.float(), z.to(x.dtype))
 
         diffusion = self.sampling_diffusion(steps)
-        return diffusion.sample(model_fn, noise.float(), cfg=cfg, temperature=temperature, step_noise=step_noise,
-                                generator=generator).sample
+        return diffusion.sample(model_fn, noise.float(), cfg=cfg, temperature=temperature,
+                                clip_denoised=clip_denoised, step_noise=step_noise, generator=generator).sample
 
     def evaluations(self, *, steps: int = 100) -> int:
         return steps
