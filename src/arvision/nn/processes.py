@@ -479,13 +479,17 @@ class LearnedVarianceDiffusion:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self._at("sqrt_alpha_bar", t, x0) * x0 + self._at("sqrt_one_minus_alpha_bar", t, x0) * noise
 
-    def p_mean_log_var(self, output: torch.Tensor, x_t: torch.Tensor,
-                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reverse step's mean and log-variance from the network output (rows, 2C) at x_t (rows, C)."""
+    def p_mean_log_var(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+                       clip_denoised: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reverse step's mean and log-variance from the network output (rows, 2C) at x_t (rows, C); with
+        `clip_denoised` > 0 the x0 prediction is clamped to ±clip_denoised first (IDDPM's `clip_denoised`, at ±1
+        for pixels; MAR never clips)."""
         eps, v = output.split(x_t.shape[-1], dim=-1)
         frac = (v + 1) / 2
         log_var = frac * self._at("log_beta", t, x_t) + (1 - frac) * self._at("posterior_log_var", t, x_t)
         x0 = self._at("sqrt_recip_alpha_bar", t, x_t) * x_t - self._at("sqrt_recipm1_alpha_bar", t, x_t) * eps
+        if clip_denoised > 0:
+            x0 = x0.clamp(-clip_denoised, clip_denoised)
         return self.posterior_mean(x0, x_t, t), log_var
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -504,10 +508,12 @@ class LearnedVarianceDiffusion:
         return mse, torch.where(t == 0, nll, kl)
 
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, *, cfg: float = 1.0, temperature: float = 1.0,
-               step_noise: NoiseSource = None, generator: torch.Generator | None = None) -> Sampled:
+               clip_denoised: float = 0.0, step_noise: NoiseSource = None,
+               generator: torch.Generator | None = None) -> Sampled:
         """Ancestral sampling over every kept step, from x = noise (rows, C). `model_fn(x, timesteps)` gets the
         original timestep numbers and returns (rows, 2C); with cfg ≠ 1 it gets [x; x] (2·rows) and returns
-        [cond; uncond]: ε is guided, uncond + cfg·(cond − uncond), the variance is the conditional rows' (MAR)."""
+        [cond; uncond]: ε is guided, uncond + cfg·(cond − uncond), the variance is the conditional rows' (MAR).
+        `clip_denoised` as in `p_mean_log_var`."""
         x, channels = noise, noise.shape[-1]
         for i, step in enumerate(reversed(range(self.num_timesteps))):
             index = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
@@ -518,7 +524,7 @@ class LearnedVarianceDiffusion:
                 cond, uncond = model_fn(torch.cat([x, x]), torch.cat([timesteps, timesteps])).chunk(2)
                 eps = uncond[..., :channels] + cfg * (cond[..., :channels] - uncond[..., :channels])
                 output = torch.cat([eps, cond[..., channels:]], dim=-1)
-            mean, log_var = self.p_mean_log_var(output.float(), x.float(), index)
+            mean, log_var = self.p_mean_log_var(output.float(), x.float(), index, clip_denoised=clip_denoised)
             # drawn at t = 0 too and for both CFG halves, as MAR (its 2·rows chain): the same random stream
             z = _noise_at(step_noise, i, torch.cat([mean, mean]) if cfg != 1.0 else mean, generator)[: mean.shape[0]]
             x = (mean + torch.exp(0.5 * log_var) * z * temperature if step > 0 else mean).to(noise.dtype)
