@@ -19,7 +19,7 @@ q/k norm layer, so the official LlamaRMSNorm is subclassed to accept (and ignore
 - the timesteps of `DPMSolverMultistepScheduler.from_config(DDIMScheduler().config)`, as sample_img.py builds it,
   against `GaussianDiffusion.inference_timesteps`, exact. diffusers' `from_config` skips the entries the DDIM config
   holds at their defaults (all of them), so the solver keeps its own "linspace" spacing: 999, 959, …, 40 for 25
-  steps, not DDIM's "leading" (diffusers ≥ 0.19; the official code pins 0.31);
+  steps, not DDIM's "leading" (diffusers 0.31.0, which the official code pins, and 0.42.1);
 - full DPM-Solver++ trajectories: `ACDiT.sample` with that scheduler, its KV cache, constant CFG, noise from a
   seeded generator, against `ACDiTGenerator.sample(spacing="linspace")` from a generator seeded alike (the same
   noise, block by block); every block's finished latents. Random weights predict ε far from the noise, so

@@ -10,14 +10,17 @@ c_{N−1} is seen by no noisy block, so it is left out (exact: the outputs equal
 1/(2N) of the tokens, and N = 1 is then literally DiT). Attention follows the Skip-Causal Attention Mask
 (`skip_causal_mask_mod`, the reference formula over the full 2N-block sequence): clean block i sees clean blocks
 ≤ i; noisy block i sees clean blocks < i and itself; clean never sees noisy; noisy never sees another noisy block.
-Clean and noisy copies of a token share its 2D RoPE position.
+Clean and noisy copies of a token share its RoPE position.
 
 Conditioning, as the official `CustomDiTBlock`: adaLN-Zero (shift/scale/gate from SiLU → Linear of the timestep
 embedding of the block's t plus the class embedding) on the noisy tokens only; clean tokens pass through plain
 RMSNorm, no gates, and never see t or the class. Loss: DDPM ε-prediction MSE on the noisy tokens (linear β,
 diffusers' DDPMScheduler defaults, as the official train.py); class dropout to the null class `num_classes`.
-Deviations from the official model, to share arvision's layers: SwiGLU feed-forward instead of GELU-MLP, no
-qkv bias and no QK-norm (`arvision.nn.Attention` has neither), LlamaGen's 2D RoPE instead of RoPE-ND.
+The block is the official one by default: fused qkv with biases, RMSNorm of each head's q and k (eps 1e-6) before
+ACDiT's RopeND (`nn/rope.py: rope_nd`, base 100 below 40 tokens a side, rotate-half across the axes), output
+projection with bias, tanh-GELU MLP of width dim·mlp_ratio; the names map one to one onto the official state dict
+(`imports/acdit.py`). arvision's earlier block stays as options: `mlp="swiglu"`, `attn_bias=False`,
+`qk_norm=False`, `rope="rope2d"` (LlamaGen's 2D RoPE).
 
 Sampling (the official `sample`): for block i, `steps` DPM-Solver++ (or DDIM) steps over the K noisy tokens, each
 attending to the cached keys/values of the finished blocks c_0 … c_{i−1}; CFG is constant on ε. The finished block
@@ -26,9 +29,9 @@ exact because clean tokens see neither noisy tokens nor the class. The last bloc
 costs N·steps + N − 1 backbone passes over K tokens each (2B rows under CFG, clean passes included). (The official
 code folds the clean pass of block i − 1 into the first denoising pass of block i, 2K tokens, N·steps passes;
 same keys/values.) Timesteps: the official sampler builds `DPMSolverMultistepScheduler.from_config(DDIMScheduler()
-.config)`; since diffusers 0.19 (the official code pins 0.31) `from_config` skips every entry the source config
-took at its default (`_use_default_values`), which for a default-built DDIMScheduler is all of them, so the solver
-keeps its own defaults: "linspace" spacing, 999, 959, …, 40 for 25 steps (not DDIM's "leading"). `spacing` and
+.config)`; diffusers' `from_config` (0.31.0, which the official code pins, as 0.42.1) skips every entry the source
+config took at its default (`_use_default_values`), which for a default-built DDIMScheduler is all of them, so the
+solver keeps its own defaults: "linspace" spacing, 999, 959, …, 40 for 25 steps (not DDIM's "leading"). `spacing` and
 `steps_offset` give the others as diffusers spaces them (DPM-Solver's "leading": 950, 912, …, 38).
 """
 
