@@ -290,26 +290,37 @@ class MARGenerator(Generator):
 
     # --- bidirectional encoder / decoder (MAR) --------------------------------------------------------------------
 
-    def forward_mae_encoder(self, seq: torch.Tensor, mask: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    def kept_slots(self, mask: torch.Tensor, num_masked: int | None = None) -> torch.Tensor:
+        """(B, buffer + N − num_masked) long: the buffer slots and the unmasked positions (+ buffer), ascending —
+        what MAR's boolean indexing keeps, found with a stable sort so that a known `num_masked` (every image
+        has the same count) costs no device-to-host sync."""
+        with_buffer = torch.cat([mask.new_zeros(mask.shape[0], self.buffer_size), mask], dim=1)
+        if num_masked is None:
+            num_masked = int(mask[0].sum())
+        slots = torch.sort(with_buffer.to(torch.uint8), dim=1, stable=True).indices
+        return slots[:, : with_buffer.shape[1] - num_masked]
+
+    def forward_mae_encoder(self, seq: torch.Tensor, mask: torch.Tensor, class_emb: torch.Tensor, *,
+                            num_masked: int | None = None) -> torch.Tensor:
         """MAR's `forward_mae_encoder`: the buffer and the unmasked tokens (mask (B, N) True = masked) → (B, n, dim)."""
         x = self.z_proj(seq)
         batch, _, dim = x.shape
         x = torch.cat([class_emb[:, None].expand(batch, self.buffer_size, dim).to(x.dtype), x], dim=1)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
-        keep = torch.cat([mask.new_zeros(batch, self.buffer_size), mask], dim=1).logical_not()
-        x = x[keep].reshape(batch, -1, dim)  # the same count per image: one mask ratio per batch
+        kept = self.kept_slots(mask, num_masked)
+        x = x.gather(1, kept[..., None].expand(-1, -1, dim))
         for block in self.encoder_blocks:
             x = block(x)
         return self.encoder_norm(x)
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, *,
+                            num_masked: int | None = None) -> torch.Tensor:
         """MAR's `forward_mae_decoder`: mask tokens back in, decoder → head conditions (B, N, decoder_dim)."""
         x = self.decoder_embed(x)
-        batch = x.shape[0]
-        keep = torch.cat([mask.new_zeros(batch, self.buffer_size), mask], dim=1).logical_not()
-        full = self.mask_token.to(x.dtype).expand(batch, keep.shape[1], -1).clone()
-        full[keep] = x.reshape(-1, x.shape[-1])
-        x = full + self.decoder_pos_embed_learned
+        batch, dim = x.shape[0], x.shape[-1]
+        kept = self.kept_slots(mask, num_masked)
+        full = self.mask_token.to(x.dtype).expand(batch, self.buffer_size + mask.shape[1], dim)
+        x = full.scatter(1, kept[..., None].expand(-1, -1, dim), x) + self.decoder_pos_embed_learned
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)[:, self.buffer_size:]
@@ -372,7 +383,8 @@ class MARGenerator(Generator):
         else:
             num_masked = self.num_masked()
             masked = masked_by_order(order, num_masked)
-            z = self.forward_mae_decoder(self.forward_mae_encoder(seq, masked, class_emb), masked)
+            h = self.forward_mae_encoder(seq, masked, class_emb, num_masked=num_masked)
+            z = self.forward_mae_decoder(h, masked, num_masked=num_masked)
             target, mask = seq, masked.float()
             out = {"mask_ratio": torch.tensor(num_masked / self.seq_len)}
         mul = self.diffusion_batch_mul
@@ -457,10 +469,12 @@ class MARGenerator(Generator):
         mask = torch.ones(batch, self.seq_len, dtype=torch.bool, device=device)
         schedule = mask_schedule(self.seq_len, num_iter)
         twice = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+        masked = self.seq_len  # masked tokens per image, the same for every image
         for k, masked_len in enumerate(schedule):
-            z = self.forward_mae_decoder(self.forward_mae_encoder(twice(seq), twice(mask), class_emb), twice(mask))
+            h = self.forward_mae_encoder(twice(seq), twice(mask), class_emb, num_masked=masked)
+            z = self.forward_mae_decoder(h, twice(mask), num_masked=masked)
             after = masked_len if k < num_iter - 1 else 0
-            if int(mask[0].sum()) == after:  # the clamp keeps the last masked token for the last step
+            if masked == after:  # the clamp keeps the last masked token for the last step
                 continue
             cfg_k = self.step_cfg(cfg, masked_len, cfg_schedule) if guided else 1.0
             if remask == "confidence":
@@ -484,7 +498,7 @@ class MARGenerator(Generator):
                 tokens, _ = self._head_sample(z[twice(to_pred)], cfg=cfg_k, **step)
                 seq = seq.clone()
                 seq[to_pred] = tokens.to(seq.dtype)
-            mask = mask_next
+            mask, masked = mask_next, after
         return seq
 
 

@@ -114,13 +114,15 @@ class DiffusionHead(nn.Module):
         return self._respaced[steps]
 
     def terms(self, target: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mse, vb) per row for targets (rows, C) under conditions z (rows, cond_dim), one t and ε per row; fp32."""
+        """(mse, vb) per row for targets (rows, C) under conditions z (rows, cond_dim), one t and ε per row. The
+        network runs under the ambient autocast, as MAR's (bf16 on GPU: MAR reports NaNs with fp16 only); noising
+        and the loss terms in fp32."""
         target = target.float()
         t = self.train_diffusion.sample_t(target.shape[0], device=target.device)
         noise = torch.randn_like(target)
         x_t = self.train_diffusion.add_noise(target, noise, t)
+        output = self.net(x_t, t.float(), z).float()
         with torch.autocast(device_type=target.device.type, enabled=False):
-            output = self.net(x_t, t.float(), z.float())
             return self.train_diffusion.loss_terms(output, target, x_t, noise, t)
 
     def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
