@@ -23,7 +23,8 @@ from arvision.generators.acdit import ACDiTGenerator
 from arvision.imports.acdit import GENERATOR_NAMES, ACDiTCheckpoints
 from arvision.imports.base import CheckpointMismatch, find_state_dict, fit, read_official
 from arvision.tokenizers.base import TokenSpec
-from tests.conftest import REPO, run_import_cli
+from arvision.imports.runs import export_official, import_official
+from tests.conftest import REPO, compose_import, run_import_cli
 from tests.test_pipeline import compose_eval
 
 FIXTURE = REPO / "tests" / "fixtures" / "parity" / "acdit.pt"
@@ -152,6 +153,21 @@ def test_import_cli_then_decode_sample_and_eval(fixture, tmp_path, capsys):
         "metrics.classifier.epochs=0.1", "select=[fid,accuracy]", "+sample.steps=3"))
     evaluation = json.loads((run / "results.json").read_text())["evaluations"][-1]
     assert np.isfinite(evaluation["metrics"]["fid"]["value"]) and evaluation["metrics"]["fid"]["num_samples"] == 4
+
+
+def test_export_writes_the_official_files_back(fixture, tmp_path):
+    folder, checkpoint = official_folder(fixture, tmp_path)
+    cfg = compose_import([f"official={fixture['preset']}", f"tokenizer_file={folder}",
+                          f"generator_file={checkpoint}", "data=shapes", *fixture["overrides"]], tmp_path)
+    import_official(cfg, tmp_path / "run")
+    written = {p.name: p for p in export_official(tmp_path / "run", tmp_path / "out")}
+    assert set(written) == {"diffusion_pytorch_model.safetensors", "config.json", "ACDiT-XL-img.pt"}
+    from safetensors.torch import load_file
+    vae = load_file(written["diffusion_pytorch_model.safetensors"])
+    assert set(vae) == set(fixture["vae"]) and all(torch.equal(vae[k], fixture["vae"][k]) for k in vae)
+    model = torch.load(written["ACDiT-XL-img.pt"], weights_only=True)
+    assert list(model) == ["model"] and list(model["model"]) == list(fixture["state"])  # the official order
+    assert all(torch.equal(model["model"][k], fixture["state"][k]) for k in fixture["state"])
 
 
 # --------------------------------------------------------------------------------------------- names and files

@@ -19,11 +19,12 @@ position ids and the attention masks are rebuilt, here as there.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from torch import nn
 
-from arvision.imports.base import StateMap
+from arvision.imports.base import StateDict, StateMap
 from arvision.imports.sd_vae import DiffusersVAEFamily
 
 GENERATOR_NAMES = StateMap(pairs=[
@@ -38,6 +39,22 @@ GENERATOR_NAMES = StateMap(pairs=[
     ("final_layer.norm_final.{path}", "final_layer.norm.{path}"),
 ])
 
+# The official module order (ACDiT.__init__ registers t_embedder, y_embedder, x_embedder, blocks, final_layer; a
+# block norm1, attn.{qkv, q_norm, k_norm, proj}, norm2, mlp.{fc1, fc2}, adaLN_modulation; the final layer
+# norm_final, linear, adaLN_modulation), so an export writes the state dict in the order the official file has it.
+TOP_ORDER = ("t_embedder.", "y_embedder.", "x_embedder.", "blocks.", "final_layer.")
+PART_ORDER = ("norm1.", "attn.qkv.", "attn.q_norm.", "attn.k_norm.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.",
+              "norm_final.", "linear.", "adaLN_modulation.")
+
+
+def official_order(name: str) -> tuple[int, int, int, str, bool]:
+    top = next((i for i, prefix in enumerate(TOP_ORDER) if name.startswith(prefix)), len(TOP_ORDER))
+    block = re.match(r"blocks\.(\d+)\.(.*)", name)
+    index, rest = (int(block.group(1)), block.group(2)) if block else (0, name.split(".", 1)[-1])
+    part = next((i for i, prefix in enumerate(PART_ORDER) if rest.startswith(prefix)), len(PART_ORDER))
+    module, _, leaf = rest.rpartition(".")
+    return top, index, part, module, leaf == "bias"  # weight before bias, as nn.Linear registers them
+
 
 class ACDiTCheckpoints(DiffusersVAEFamily):
     """The SD-VAE folder as the tokenizer (DiffusersVAEFamily), the ACDiT checkpoint as the generator."""
@@ -48,3 +65,7 @@ class ACDiTCheckpoints(DiffusersVAEFamily):
 
     def generator_names(self, generator: nn.Module) -> StateMap:
         return GENERATOR_NAMES
+
+    def generator_to_official(self, ours: StateDict, extras: StateDict, generator: nn.Module) -> StateDict:
+        state = GENERATOR_NAMES.to_official(ours, extras)
+        return {name: state[name] for name in sorted(state, key=official_order)}
