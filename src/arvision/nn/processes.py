@@ -290,7 +290,7 @@ class GaussianDiffusion:
         """The integer timestep itself, as a float for a sinusoidal embedding (DiT, MAR, ACDiT)."""
         return t.float()
 
-    def inference_timesteps(self, steps: int, spacing: str, *, solver: str = "ddim",
+    def inference_timesteps(self, steps: int, spacing: str, *, solver: str | None = None,
                             steps_offset: int = 0) -> list[int]:
         """Descending integer timesteps exactly as diffusers' `set_timesteps` picks them. The two schedulers space
         differently under the same names (T = num_train_timesteps):
@@ -304,8 +304,11 @@ class GaussianDiffusion:
         | trailing | round(arange(T, 0, −T/steps)) − 1      | the same                                                 |
 
         `steps_offset` (a scheduler config entry: 0 in DDIMScheduler's default, 1 in Stable Diffusion's) is added
-        to `leading` timesteps only, as diffusers does. Rounding is half-to-even, as numpy's."""
+        to `leading` timesteps only, as diffusers does. Rounding is half-to-even, as numpy's. `solver=None` takes
+        the scheduler whose default the spacing is: DDIM's `leading`, DPM-Solver's `linspace`."""
         T = self.num_train_timesteps
+        if solver is None:
+            solver = "dpm_solver" if spacing == "linspace" else "ddim"
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if spacing not in SPACINGS:
