@@ -32,16 +32,16 @@ data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is availabl
 	  || echo "apt-get could not install dataset-fashion-mnist: pass data.root=<dir> or data.download=true"; \
 	else echo "no apt: pass data.root=<dir with the Fashion-MNIST *-ubyte.gz files> or data.download=true"; fi
 
-# The paradigm comparison at a CPU budget: 4 generators on their 3 tokenizers, 10k training images, 40% of the step
+# The paradigm comparison at a CPU budget: 6 generators on their 3 tokenizers, 10k training images, 40% of the step
 # budgets, 500 samples per paradigm against 2,000 test images. Two jobs run at once (joblib launcher, one thread
-# each: on 2 cores that beats one 2-thread job at a time). The order balances the two workers (next_scale then acdit,
-# flowar then raster) and starts acdit after flowar has built the vae they share (a file lock makes it wait, not
-# retrain). DEMO_DIR collects the four runs; the tables and the per-paradigm sample grids come from there.
+# each: on 2 cores that beats one 2-thread job at a time). The order balances the two workers and starts acdit and
+# mar after flowar has built the vae they share, rar after raster's vq (a file lock makes a job wait, not retrain).
+# DEMO_DIR collects the six runs; the tables and the per-paradigm sample grids come from there.
 DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_DIR ?= outputs/demo/$(DEMO_STAMP)
-PARADIGMS ?= next_scale,flowar,acdit,raster
+PARADIGMS ?= next_scale,flowar,acdit,raster,mar,rar
 DEMO_JOBS ?= 2
-demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 8 min with set-up on 2 idle cores): four runs, one table, sample grids
+demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 10 min with set-up on 2 idle cores): six runs, one table, sample grids
 	OMP_NUM_THREADS=1 $(VENV)/bin/arvision-train -m experiment=paradigms paradigm=$(PARADIGMS) budget=0.4 \
 	  data.train_size=10000 metrics.num_samples=500 metrics.num_reference=2000 \
 	  hydra/launcher=joblib hydra.launcher.n_jobs=$(DEMO_JOBS) hydra.sweep.dir=$(DEMO_DIR) $(ARGS)

@@ -45,6 +45,8 @@ PARADIGM_TYPES = {
     "next_scale": "VAR",
     "flowar": "Flow-AR",
     "acdit": "Diff-AR (block)",
+    "mar": "Masked-AR (diffusion head)",
+    "rar": "AR (random→raster)",
 }
 
 # Config values worth a column (present for every generator that has them).
