@@ -36,12 +36,9 @@ Published: FlowAR-S as `flowar_small(diffloss_d=2, diffloss_w=1024)` builds it, 
 from __future__ import annotations
 
 import argparse
-import builtins
-import contextlib
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +49,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
-from harness import REPO_ROOT, Row, max_abs, official_imports, save_fixture, write_rows  # noqa: E402
+from harness import REPO_ROOT, Row, max_abs, official_imports, on_cpu, save_fixture, write_rows  # noqa: E402
 
 from arvision import pipeline
 from arvision.cli.common import config_dir
@@ -91,19 +88,6 @@ DECODED = "decoded images (euler 25 steps)"
 
 
 # --------------------------------------------------------------------------------------------- official code
-@contextlib.contextmanager
-def on_cpu() -> Iterator[None]:
-    """FlowAR calls `.cuda()` in its RoPE, its sampler and its loss: the identity here (CPU, fp32); its RoPE
-    constructors print, which the rows do not need."""
-    cuda, printer = torch.Tensor.cuda, builtins.print
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    builtins.print = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, builtins.print = cuda, printer
-
-
 class Official:
     def __init__(self, repo: Path) -> None:
         with official_imports(repo):

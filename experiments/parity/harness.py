@@ -14,6 +14,7 @@ official outputs, so `make test` checks parity without the official code. The ch
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import csv
 import subprocess
@@ -83,6 +84,19 @@ def official_imports(repo: Path) -> Iterator[None]:
             module = sys.modules[name]
             if str(getattr(module, "__file__", "") or "").startswith(str(repo.resolve())):
                 del sys.modules[name]
+
+
+@contextlib.contextmanager
+def on_cpu() -> Iterator[None]:
+    """For official code that calls `.cuda()` on tensors it makes (FlowAR, MAR): the identity here (CPU, fp32); its
+    constructors' prints are silenced, which the rows do not need."""
+    cuda, printer = torch.Tensor.cuda, builtins.print
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, builtins.print = cuda, printer
 
 
 def write_rows(family: str, rows: list[Row], path: Path = RESULTS) -> None:

@@ -412,7 +412,10 @@ class MARGenerator(Generator):
         """Guidance of a step after which `masked_after` tokens (MAR's clamped count) stay masked."""
         if schedule == "constant":
             return cfg
-        return 1.0 + (cfg - 1.0) * (self.seq_len - masked_after) / self.seq_len
+        # in float32 as MAR computes it (its count is a float32 tensor): a seeded run stays on MAR's trajectory,
+        # which a one-ulp different weight leaves once random or undertrained heads amplify it
+        revealed = torch.tensor(self.seq_len - masked_after, dtype=torch.float32)
+        return float(1.0 + (cfg - 1.0) * revealed / self.seq_len)
 
     def _head_sample(self, z: torch.Tensor, *, guided: bool, cfg: float, temperature: float, steps: int,
                      clip_denoised: float,
