@@ -16,13 +16,13 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(VENV)/.installed  ## virtual env with torch + arvision[dev,vqp,diffusers]
+setup: $(VENV)/.installed  ## virtual env with torch + arvision[dev,vqp,diffusers,webdataset]
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PKGS)
-	$(PY) -m pip install -q -e '.[dev,vqp,diffusers]'
+	$(PY) -m pip install -q -e '.[dev,vqp,diffusers,webdataset]'
 	touch $@
 
 data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is available
@@ -32,10 +32,11 @@ data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist when apt is availabl
 	  || echo "apt-get could not install dataset-fashion-mnist: pass data.root=<dir> or data.download=true"; \
 	else echo "no apt: pass data.root=<dir with the Fashion-MNIST *-ubyte.gz files> or data.download=true"; fi
 
-# The paradigm comparison at a CPU budget: 6 generators on their 3 tokenizers, 10k training images, 40% of the step
-# budgets, 500 samples per paradigm against 2,000 test images. Two jobs run at once (joblib launcher, one thread
-# each: on 2 cores that beats one 2-thread job at a time). The order balances the two workers and starts acdit and
-# mar after flowar has built the vae they share, rar after raster's vq (a file lock makes a job wait, not retrain).
+# The paradigm comparison at a CPU budget: 6 generators on their 3 tokenizers, 10k training images, 40% of the
+# generators' step budgets (the tokenizers train in full), 500 samples per paradigm against 2,000 test images. Two jobs
+# run at once (joblib launcher, one thread each: on 2 cores that beats one 2-thread job at a time). The order balances
+# the two workers and starts acdit and mar after flowar has built the vae they share, rar after raster's vq (a file
+# lock makes a job wait, not retrain).
 # DEMO_DIR collects the six runs; the tables and the per-paradigm sample grids come from there.
 DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_DIR ?= outputs/demo/$(DEMO_STAMP)
@@ -43,7 +44,7 @@ PARADIGMS ?= next_scale,flowar,acdit,raster,mar,rar
 DEMO_JOBS ?= 2
 demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 10 min with set-up on 2 idle cores): six runs, one table, sample grids
 	OMP_NUM_THREADS=1 $(VENV)/bin/arvision-train -m experiment=paradigms paradigm=$(PARADIGMS) budget=0.4 \
-	  data.train_size=10000 metrics.num_samples=500 metrics.num_reference=2000 \
+	  tokenizer_budget=1.0 data.train_size=10000 metrics.num_samples=500 metrics.num_reference=2000 \
 	  hydra/launcher=joblib hydra.launcher.n_jobs=$(DEMO_JOBS) hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
 	$(VENV)/bin/arvision-table $(DEMO_DIR) --layout paradigms
 	$(VENV)/bin/arvision-table $(DEMO_DIR) --layout stages

@@ -30,6 +30,17 @@ FIXTURE = REPO / "tests" / "fixtures" / "runs"
 
 
 # --------------------------------------------------------------------------------------------- collect
+def test_a_run_files_itself_under_its_configured_family(tmp_path):
+    # A new paradigm names its family in its generator config; no table in the library needs editing.
+    source = next(p for p in FIXTURE.rglob("results.json") if json.loads(p.read_text())["generator"] == "raster")
+    results = json.loads(source.read_text())
+    results["config"]["generator"]["family"] = "Some-AR"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    frame = collect(tmp_path)
+    assert list(frame["type"]) == ["Some-AR"] and list(frame["generator"]) == ["raster"]
+
+
 def test_collect_reads_every_run_of_the_fixture_with_its_provenance():
     frame = collect(FIXTURE)
     assert len(frame) == len(list(FIXTURE.rglob("results.json")))

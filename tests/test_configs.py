@@ -64,7 +64,7 @@ def test_loggers_instantiate_offline(logger, tmp_path, monkeypatch):
 @pytest.mark.parametrize("data", OPTIONS["data"])
 def test_data_configs_build_a_datamodule_with_its_declared_shape(data, tmp_path):
     overrides = [f"data={data}", "debug=tiny"]
-    if data in ("imagefolder", "imagenet"):  # ImageNet's layout in miniature: class folders of RGB images
+    if data in ("imagefolder", "imagenet", "webdataset"):  # ImageNet's layout in miniature: class folders of RGB images
         from PIL import Image
         for cls in ("a", "b"):
             (tmp_path / "imgs" / cls).mkdir(parents=True)
@@ -72,6 +72,11 @@ def test_data_configs_build_a_datamodule_with_its_declared_shape(data, tmp_path)
                 Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
         overrides += [f"data.root={tmp_path / 'imgs'}", "data.num_classes=2", "data.num_workers=0",
                       "data.train_size=null", "data.test_size=null"]
+    if data == "webdataset":  # the same images as tar shards (arvision-shards)
+        pytest.importorskip("webdataset")
+        from arvision.data.streaming import write_shards
+        write_shards(tmp_path / "imgs", tmp_path / "shards")
+        overrides.append(f"data.root={tmp_path / 'shards'}")
     if data == "fashion_mnist":
         needs_fashion_mnist()
     cfg = compose_train(overrides, tmp_path)
@@ -159,6 +164,18 @@ def test_budget_scales_both_stages_and_their_warmups(tmp_path):
         pipeline.finalize_config(compose_train(["budget=0"], tmp_path))
 
 
+def test_tokenizer_budget_scales_stage_one_alone(tmp_path):
+    full = pipeline.finalize_config(compose_train([], tmp_path))
+    demo = pipeline.finalize_config(compose_train(["budget=0.4", "tokenizer_budget=1.0"], tmp_path))
+    assert demo.tokenizer.train == full.tokenizer.train
+    assert demo.generator.train.max_steps == round(full.generator.train.max_steps * 0.4)
+    half = pipeline.finalize_config(compose_train(["tokenizer_budget=0.5"], tmp_path))
+    assert half.tokenizer.train.max_steps == round(full.tokenizer.train.max_steps * 0.5)
+    assert half.generator.train == full.generator.train
+    with pytest.raises(pipeline.ConfigError, match="tokenizer_budget × trainer.steps_scale must be positive"):
+        pipeline.finalize_config(compose_train(["tokenizer_budget=-1"], tmp_path))
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_each_experiment_composes_and_builds_its_pair_before_training(experiment, tmp_path):
     cfg = compose_train([f"experiment={experiment}", "debug=tiny", "data=shapes"], tmp_path)
@@ -177,7 +194,7 @@ ARGUMENT_READERS: dict[str, tuple[Callable, ...]] = {
     "generator.train": (GeneratorTask, step_loader, pipeline.make_trainer),
     "trainer": (L.Trainer,),
 }
-READ_BY_NAME = {"trainer": {"steps_scale"}}
+READ_BY_NAME = {"trainer": {"steps_scale", "fsdp", "tf32"}}
 SOURCE = "\n".join(p.read_text() for p in (REPO / "src" / "arvision").rglob("*.py"))
 CONF_TEXT = "\n".join(p.read_text() for p in CONF.rglob("*.yaml"))
 

@@ -52,10 +52,15 @@ def uninterrupted(tmp_path_factory) -> tuple[dict, dict, dict]:
 # SIGKILL everywhere; SIGTERM (what SLURM sends before it kills a pre-empted job) everywhere but mid-write: during
 # fit Lightning's handler defers it to the end of the step, so it cannot land inside a checkpoint write.
 CASES = [(*fault, "SIGKILL") for fault in FAULTS] + [(*fault, "SIGTERM") for fault in FAULTS if fault[1] != "write"]
+# The default selection kills each stage before half-way, after half-way and mid-write, and each signal in both
+# stages (about 12 s a case); the other cases are slow-marked and run by .ci/run.
+DEFAULT = {("1", "step", 4, "SIGKILL"), ("1", "write", 6, "SIGKILL"), ("1", "eval", 0, "SIGTERM"),
+           ("2", "step", 1, "SIGKILL"), ("2", "step", 8, "SIGTERM"), ("2", "write", 6, "SIGKILL")}
 
 
-@pytest.mark.parametrize("stage, point, step, signame", CASES,
-                         ids=[f"stage{s}-{p}{n or ''}-{sig}" for s, p, n, sig in CASES])
+@pytest.mark.parametrize("stage, point, step, signame", [
+    pytest.param(*case, id=f"stage{case[0]}-{case[1]}{case[2] or ''}-{case[3]}",
+                 marks=() if case in DEFAULT else pytest.mark.slow) for case in CASES])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(stage, point, step, signame, uninterrupted, tmp_path):
     killed = train(tmp_path, "run", kill=f"{stage}:{point}:{step}:{signame}")
     assert killed.returncode != 0 or not (tmp_path / "run" / "results.json").exists()

@@ -644,8 +644,8 @@ def test_flexvar_token_cache_is_keyed_by_its_ground_truth(tiny_cfg, tmp_path) ->
         torch.manual_seed(0)  # the same (untrained) tokenizer both times
         tokenizer = pipeline.build_tokenizer(cfg, dm).eval()
         cache = ArtifactCache(tmp_path / "artifacts")
-        tokens, labels = pipeline.get_token_cache(cfg, tokenizer, tmp_path / "tok", dm, cache)
-        caches[truth] = (tokens, [d for d in (tmp_path / "artifacts" / "tokens").iterdir() if d.is_dir()])
+        tokens, labels = pipeline.get_token_cache(cfg, tokenizer, tmp_path / "tok", dm, cache).load()
+        caches[truth] = (tokens, [d for d in (tmp_path / "artifacts" / "token_store").iterdir() if d.is_dir()])
         assert labels.shape == (40,)
     side = tokenizer.spec.grid[0]
     per_side, grid = caches["continuous"][0], caches["requantised"][0]

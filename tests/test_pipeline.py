@@ -310,14 +310,14 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_ddp_two_processes_on_cpu_train_as_one_process_on_the_global_batch(tiny_cfg, tmp_path):
-    """Two DDP ranks of 8 images each take the same steps as one process with the global batch of 16: every rank
+    """Two DDP ranks take the same steps as one process on the same global batch of 16 (8 images each): every rank
     reads its slice of the same seeded batch and the gradients are averaged. Class dropout is off, so the two
     differ in nothing random; the single-process run goes first and leaves the tokenizer artifact both use."""
     same = ("generator.model.class_dropout=0.0",)
     single = pipeline.run(tiny_cfg(*same, "generator.train.batch_size=16", "evaluate=false"), tmp_path / "single")
     env = cli_env(tmp_path)
     done = subprocess.run([sys.executable, "-m", "arvision.cli.train", "debug=tiny", "data=shapes", "trainer=ddp_sim",
-                           *same, "generator.train.batch_size=8"], cwd=tmp_path, env=env, capture_output=True,
+                           *same, "generator.train.batch_size=16"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = list((tmp_path / "outputs" / "train" / "runs").iterdir())

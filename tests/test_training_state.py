@@ -25,7 +25,7 @@ def test_resumed_sampler_replays_exactly_the_remaining_batches(n, batch, steps, 
 
 
 def test_sampler_epochs_are_permutations_and_ranks_split_the_global_batch(monkeypatch):
-    n, batch, world = 24, 3, 2
+    n, batch, world = 24, 6, 2  # the global batch: 3 for each rank
     per_rank = []
     for rank in range(world):
         s = StepSampler(n, batch_size=batch, num_steps=4, seed=1)

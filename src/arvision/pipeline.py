@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -23,15 +24,23 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from arvision.data.tokens import (ImageBatches, TokenDataset, cat_tokens, compact, step_loader)
+from arvision.data.store import (AUGMENTS, SHARD_ITEMS, StoreError, TokenStore, encode_shards, finish_store, make_plan,
+                                 missing_shards, wait_for)
+from arvision.data.tokens import ImageBatches, TokenDataset, cat_tokens, compact, step_loader
 from arvision.evaluation import evaluate_generator, evaluate_tokenizer, get_extractor, reference_metrics
 from arvision.generators.base import Generator
+from arvision.recipes import recipe_notes
 from arvision.results import (RESULTS_FILE, RunRecord, git_sha, now, read_results, versions, write_json_atomic,
                               write_results)
 from arvision.tasks import GeneratorTask, NonFiniteLoss, TokenizerTask
-from arvision.tasks.resume import completed_steps, latest_checkpoint, roll_back
+from arvision.tasks.optim import SCHEDULES
+from arvision.tasks.resume import completed_steps, full_checkpoint, latest_checkpoint, roll_back
+from arvision.tasks.sharding import DTYPES, ShardSettings, unsharded
 from arvision.tasks.tokenizer_task import stage1_trainer_steps
 from arvision.tokenizers.base import Tokenizer
 from arvision.utils.artifacts import ArtifactCache, config_hash
@@ -54,22 +63,35 @@ SCALING_CALIBRATION_IMAGES = 1024
 
 # Data settings that change only how data is served, not which images a model sees.
 DATA_LOADING_KEYS = {"eval_batch_size", "num_workers", "download", "download_dir"}
+# Data settings of stage 2 only (the views pre-encoded into the token store): not part of the tokenizer's or the
+# classifier's key.
+STAGE2_DATA_KEYS = {"encode_augment"}
 
 # What a stage-2 checkpoint in a run directory was trained with (see `check_run_dir`).
 RUN_IDENTITY_FILE = "run_identity.json"
 # Trainer settings that change only what is shown, not the weights.
 DISPLAY_TRAINER_KEYS = {"enable_progress_bar", "log_every_n_steps", "enable_model_summary"}
+# Trainer settings that spread the work over processes, not decide the weights: each stage's `train.batch_size` is
+# the global batch of a step, whatever the number of processes, so a run resumes on another number of them.
+# (accumulate_grad_batches is not one: Lightning's saved loop counters count micro-batches.)
+LAYOUT_TRAINER_KEYS = {"devices", "num_nodes", "strategy"}
+# Keys of the trainer block that are not Trainer arguments: steps_scale (`finalize_config`) and trainer=fsdp's
+# sharding settings (`shard_settings`).
+OWN_TRAINER_KEYS = ("steps_scale", "fsdp", "tf32")
 
 
 # --------------------------------------------------------------------------------------------- configuration
 def finalize_config(cfg: DictConfig) -> DictConfig:
-    """Scale both stages' step budgets (and warm-ups) by the trainer's `steps_scale` times the run's `budget`."""
+    """Scale each stage's step budget (and warm-up) by the trainer's `steps_scale` times the run's `budget` (stage 2)
+    or `tokenizer_budget` (stage 1, `budget` unless set)."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        scale = float(cfg.trainer.get("steps_scale", 1.0)) * float(cfg.get("budget", 1.0))
-        if scale <= 0:
-            raise ConfigError(f"budget × trainer.steps_scale must be positive, got {scale}")
-        for group in ("tokenizer", "generator"):
+        budget = cfg.get("budget", 1.0)
+        for group, key, value in (("generator", "budget", budget),
+                                  ("tokenizer", "tokenizer_budget", cfg.get("tokenizer_budget", budget))):
+            scale = float(cfg.trainer.get("steps_scale", 1.0)) * float(value)
+            if scale <= 0:
+                raise ConfigError(f"{key} × trainer.steps_scale must be positive, got {scale}")
             if cfg.get(group) is not None and scale != 1.0:
                 train = cfg[group].train
                 train.max_steps = max(1, int(round(train.max_steps * scale)))
@@ -92,6 +114,9 @@ def check_settings(cfg: DictConfig) -> None:
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} is not set; give {key}=<value> on the command line")
+    if encode_augment(cfg) not in AUGMENTS:
+        raise ConfigError(f"data.encode_augment={encode_augment(cfg)!r} is not an option; use one of "
+                          f"{', '.join(AUGMENTS)}")
     try:
         for group in ("tokenizer", "generator") if cfg.train_generator else ("tokenizer",):
             node = cfg[group]
@@ -105,7 +130,15 @@ def check_settings(cfg: DictConfig) -> None:
             check_range(f"{where}.weight_decay", train.weight_decay, minimum=0)
             check_range(f"{where}.grad_clip", train.get("grad_clip"), minimum=0, optional=True)
         if cfg.train_generator:
-            check_range("generator.train.ema_decay", cfg.generator.train.ema_decay, minimum=0, below=1)
+            train = cfg.generator.train
+            check_range("generator.train.ema_decay", train.ema_decay, minimum=0, below=1, optional=True)
+            if train.get("lr_schedule", "cosine") not in SCHEDULES:
+                raise SettingError(f"generator.train.lr_schedule={train.lr_schedule!r}: must be one of "
+                                   f"{', '.join(SCHEDULES)}")
+            check_range("generator.train.min_lr_ratio", train.get("min_lr_ratio", 0.1), minimum=0)
+            check_range("generator.train.decay_fraction", train.get("decay_fraction", 0.15), above=0)
+            check_range("generator.train.warmup_start", train.get("warmup_start"), minimum=0, below=1, optional=True)
+            check_range("generator.train.weight_decay_end", train.get("weight_decay_end"), minimum=0, optional=True)
         check_range("checkpoint_every", cfg.checkpoint_every, minimum=1, integer=True)
         if cfg.evaluate:
             for key in ("num_samples", "num_reference", "batch_size"):
@@ -120,12 +153,88 @@ def check_machine(cfg: DictConfig) -> None:
                           f"use trainer=cpu (or trainer=ddp_sim for 2 CPU processes)")
 
 
+def world_size(cfg: DictConfig) -> int:
+    """The run's processes: devices per node × nodes (what each stage's global batch is split over)."""
+    devices = cfg.trainer.devices
+    try:
+        per_node = (len(CUDAAccelerator.parse_devices(devices) or []) if cfg.trainer.accelerator == "gpu"
+                    else CPUAccelerator.parse_devices(devices))
+    except MisconfigurationException as err:
+        raise ConfigError(f"trainer.devices={devices}: {err}") from None
+    return per_node * int(cfg.trainer.num_nodes)
+
+
+def shard_settings(cfg: DictConfig) -> ShardSettings | None:
+    """trainer=fsdp's `fsdp` block; None for the other strategies."""
+    if cfg.trainer.strategy != "fsdp":
+        return None
+    if cfg.trainer.get("fsdp") is None:
+        raise ConfigError("trainer.strategy=fsdp needs the sharding settings of trainer=fsdp (its fsdp block): use "
+                          "trainer=fsdp")
+    try:
+        return ShardSettings(**OmegaConf.to_container(cfg.trainer.fsdp, resolve=True))
+    except TypeError as err:
+        raise ConfigError(f"trainer.fsdp: {err}; its keys: activation_checkpointing, param_dtype, reduce_dtype, "
+                          f"state_dict") from None
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The processes, nodes and accumulation against each stage's global batch, and trainer=fsdp's settings, before
+    any work: a batch that does not split evenly would change what a step means."""
+    trainer = cfg.trainer
+    try:
+        check_range("trainer.num_nodes", trainer.num_nodes, minimum=1, integer=True)
+        check_range("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, minimum=1, integer=True)
+    except SettingError as err:
+        raise ConfigError(str(err)) from None
+    world, accumulate = world_size(cfg), trainer.accumulate_grad_batches
+    batch = world if cfg.tokenizer.get("artifact") else cfg.tokenizer.train.batch_size  # a released one: no stage 1
+    if batch % world:
+        raise ConfigError(f"tokenizer.train.batch_size={batch} is the global batch of a step and does not split over "
+                          f"{world} processes; choose a multiple of {world}")
+    batch = cfg.generator.train.batch_size if cfg.train_generator else world * accumulate
+    if batch % (world * accumulate):
+        raise ConfigError(f"generator.train.batch_size={batch} is the global batch of a step and does not split over "
+                          f"{world} processes × {accumulate} micro-batches (trainer.accumulate_grad_batches); "
+                          f"choose a multiple of {world * accumulate}")
+    settings = shard_settings(cfg)
+    if settings is None:
+        return
+    for key, value in (("param_dtype", settings.param_dtype), ("reduce_dtype", settings.reduce_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ConfigError(f"trainer.fsdp.{key}={value} is not a dtype FSDP casts to; choose one of "
+                              f"{', '.join(DTYPES)} or null")
+    if settings.param_dtype not in (None, "float32") and not str(trainer.precision).endswith("-mixed"):
+        raise ConfigError(f"trainer.fsdp.param_dtype={settings.param_dtype} needs autocast to keep the generators' "
+                          f"float32 buffers and noise in step: trainer.precision=bf16-mixed (or 16-mixed), or "
+                          f"trainer.fsdp.param_dtype=null with trainer.precision={trainer.precision}")
+    if settings.activation_checkpointing and cfg.train_generator and cfg.generator.train.get("compile", False):
+        raise ConfigError("generator.train.compile=true with trainer.fsdp.activation_checkpointing=true: the compiled "
+                          "blocks' recomputation does not match their forward (torch.utils.checkpoint refuses it); "
+                          "set one of them to false")
+    if settings.state_dict not in ("sharded", "full"):
+        raise ConfigError(f"trainer.fsdp.state_dict={settings.state_dict}: checkpoints are sharded (a directory of "
+                          f"per-process files) or full (one file); choose one of them")
+
+
 def data_identity(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    return {k: v for k, v in data.items() if k not in DATA_LOADING_KEYS}
+    return {k: v for k, v in data.items() if k not in DATA_LOADING_KEYS | STAGE2_DATA_KEYS}
+
+
+def encode_augment(cfg: DictConfig) -> str:
+    return str(cfg.data.get("encode_augment", "none"))
+
+
+def stage2_data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The data a generator is trained on: the images, and the views of them pre-encoded (when not just one)."""
+    augment = encode_augment(cfg)
+    return {**data_identity(cfg), **({"encode_augment": augment} if augment != "none" else {})}
 
 
 def tokenizer_key(cfg: DictConfig) -> str:
+    if cfg.tokenizer.get("artifact"):  # a released tokenizer (arvision-import): its artifact is its identity
+        return Path(cfg.tokenizer.artifact).name
     return config_hash("tokenizer", cfg.tokenizer.model, cfg.tokenizer.train, data_identity(cfg), cfg.seed)
 
 
@@ -136,10 +245,15 @@ def classifier_key(cfg: DictConfig) -> str:
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """Everything that decides a run's generator weights: its tokenizer (by artifact key), generator network and
     training settings, data, seed and trainer. Sampling and evaluation settings are not part of it."""
-    trainer = {k: v for k, v in trainer_kwargs(cfg).items() if k not in DISPLAY_TRAINER_KEYS}
+    trainer = {k: v for k, v in trainer_kwargs(cfg).items() if k not in DISPLAY_TRAINER_KEYS | LAYOUT_TRAINER_KEYS}
+    settings = shard_settings(cfg)
+    if settings is not None:  # the dtypes FSDP computes and reduces in change the numbers; the rest is memory
+        trainer.update(param_dtype=settings.param_dtype, reduce_dtype=settings.reduce_dtype)
+    if cfg.trainer.get("tf32", False):  # TF32 matmuls change the numbers (only when on: older runs' identity stays)
+        trainer["tf32"] = True
     generator = {k: v for k, v in OmegaConf.to_container(cfg.generator, resolve=True).items() if k != "sample"}
     return {"tokenizer": tokenizer_key(cfg), "generator": generator,
-            "data": data_identity(cfg), "seed": cfg.seed, "trainer": trainer}
+            "data": stage2_data_identity(cfg), "seed": cfg.seed, "trainer": trainer}
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -181,7 +295,8 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("steps_scale", None)
+    for key in OWN_TRAINER_KEYS:
+        kwargs.pop(key, None)
     return kwargs
 
 
@@ -205,7 +320,24 @@ def build_generator(cfg: DictConfig, tokenizer: Tokenizer, num_classes: int) -> 
 
 
 def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: list, callbacks: list,
-                 grad_clip: float | None = None) -> L.Trainer:
+                 grad_clip: float | None = None, stage: int = 2) -> L.Trainer:
+    """The Trainer of a stage. Stage 1 optimises by hand (its GAN alternates two optimisers), which Lightning does
+    not accumulate for, and its tokenizers are small: it runs one micro-batch per step, and DDP under trainer=fsdp.
+    Stage 2 under trainer=fsdp gets Lightning's ModelParallelStrategy: FSDP2 over all processes (one data-parallel
+    mesh dimension), applied by `GeneratorTask.configure_model`."""
+    kwargs = trainer_kwargs(cfg)
+    settings = shard_settings(cfg)
+    if cfg.trainer.get("tf32", False):
+        # TF32 tensor cores for fp32 matmuls and convolutions (FlowAR trains fp32 this way); false leaves PyTorch's
+        # defaults. Set in this process before any training; launchers that start ranks run this too.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if stage == 1:
+        kwargs["accumulate_grad_batches"] = 1
+        kwargs["strategy"] = "ddp" if settings is not None else kwargs["strategy"]
+    elif settings is not None:
+        kwargs["strategy"] = ModelParallelStrategy(data_parallel_size=world_size(cfg), tensor_parallel_size=1,
+                                                   save_distributed_checkpoint=settings.state_dict == "sharded")
     if "spawn" in str(cfg.trainer.strategy):
         # Spawned ranks receive the model and data by pickling; file-descriptor sharing fails in sandboxes.
         torch.multiprocessing.set_sharing_strategy("file_system")
@@ -219,7 +351,7 @@ def make_trainer(cfg: DictConfig, *, max_steps: int, ckpt_dir: Path, loggers: li
                                                      save_top_k=2, save_last="link", enable_version_counter=False,
                                                      every_n_train_steps=cfg.checkpoint_every)
     # One "epoch" is the step sampler's whole schedule of seeded batches.
-    return L.Trainer(**trainer_kwargs(cfg), max_steps=max_steps, max_epochs=1, logger=loggers or False,
+    return L.Trainer(**kwargs, max_steps=max_steps, max_epochs=1, logger=loggers or False,
                      callbacks=[checkpoint, *callbacks], limit_val_batches=0, num_sanity_val_steps=0,
                      use_distributed_sampler=False, enable_model_summary=False, default_root_dir=str(ckpt_dir),
                      gradient_clip_val=grad_clip)
@@ -236,14 +368,20 @@ def fit(trainer: L.Trainer, task: L.LightningModule, loader, ckpt_path: Path | N
     steps it ran (fewer than max_steps after a resume, so img/s stays honest)."""
     resume = str(ckpt_path) if ckpt_path is not None and Path(ckpt_path).exists() else None
     done = 0
+    gathered = Path(trainer.default_root_dir).parent / f".resume-full-rank{world_rank()}.ckpt"  # not a checkpoint of it
     if resume:
         log.info("resuming from %s", resume)
         done = loader.sampler.start_step = completed_steps(resume)
+        if Path(resume).is_dir() and not isinstance(trainer.strategy, ModelParallelStrategy):
+            # A sharded checkpoint (trainer=fsdp) resumed by one process or DDP: gathered into one file first.
+            resume = str(full_checkpoint(Path(resume), gathered))
     start = time.perf_counter()
     try:
         trainer.fit(task, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
     except NonFiniteLoss as err:
         raise NonFiniteLoss(f"{err}; {roll_back(Path(trainer.default_root_dir), trainer.global_step)}") from None
+    finally:
+        gathered.unlink(missing_ok=True)
     if trainer.interrupted:  # Lightning swallows Ctrl-C; the run must not carry on as if training had finished
         raise KeyboardInterrupt(f"interrupted at step {trainer.global_step}; rerun into the same run directory "
                                 f"to resume from {trainer.default_root_dir}/last.ckpt")
@@ -266,7 +404,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
                          seed=cfg.seed, num_workers=cfg.data.num_workers)
     trainer = make_trainer(cfg, max_steps=stage1_trainer_steps(train.max_steps, train.disc_weight, train.disc_start),
                            ckpt_dir=work_dir, loggers=instantiate_dict(cfg.get("logger")),
-                           callbacks=instantiate_dict(cfg.get("callbacks")))
+                           callbacks=instantiate_dict(cfg.get("callbacks")), stage=1)
     log.info("stage 1: training tokenizer=%s for %d steps", cfg.tokenizer.name, train.max_steps)
     seconds, steps_run = fit(trainer, task, loader, latest_checkpoint(work_dir))
     calibration: dict[str, float] = {}
@@ -283,7 +421,7 @@ def train_tokenizer(cfg: DictConfig, dm, out_dir: Path, work_dir: Path) -> dict[
     return {"kind": "tokenizer", "name": cfg.tokenizer.name, "spec": tokenizer.spec.to_dict(),
             "train_seconds": seconds, "train_steps": train.max_steps,
             "train_steps_timed": steps_run,
-            "train_img_per_s": steps_run * train.batch_size * trainer.world_size / max(seconds, 1e-9),
+            "train_img_per_s": steps_run * train.batch_size / max(seconds, 1e-9),  # the global batch
             "perceptual_loss": task.perceptual_active, "config": OmegaConf.to_container(cfg.tokenizer, resolve=True),
             "data": data_identity(cfg), "seed": cfg.seed, **calibration}
 
@@ -300,9 +438,24 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def get_tokenizer(cfg: DictConfig, dm, cache: ArtifactCache) -> tuple[Tokenizer, Path]:
+    if cfg.tokenizer.get("artifact"):
+        # The papers train their generators on a released tokenizer: the folder arvision-import wrote, no stage 1.
+        path = Path(cfg.tokenizer.artifact)
+        if not (path / "tokenizer.pt").is_file():
+            raise ConfigError(f"tokenizer.artifact={path}: no tokenizer.pt there; give the tokenizer artifact folder "
+                              f"that arvision-import printed, or tokenizer.artifact=null to train one")
+        log.info("stage 1: using the tokenizer artifact %s", path)
+        return load_tokenizer(path), path
     key = tokenizer_key(cfg)
     if cache.exists("tokenizer", key):
         log.info("stage 1: reusing tokenizer artifact %s", key)
+    elif world_rank() != 0:
+        # Processes started together (torchrun, SLURM, Lightning's launcher) train the tokenizer together (DDP):
+        # rank 0 builds the artifact under its lock, the others train along into scratch space, then read it.
+        cache.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache.root) as scratch:
+            train_tokenizer(cfg, dm, Path(scratch), cache.work_dir("tokenizer", key))
+        wait_for(lambda: [] if cache.exists("tokenizer", key) else [key], what="rank 0's tokenizer artifact")
     path = cache.get_or_build("tokenizer", key,
                               lambda tmp: train_tokenizer(cfg, dm, tmp, cache.work_dir("tokenizer", key)))
     return load_tokenizer(path), path
@@ -324,23 +477,86 @@ def encode_dataset(tokenizer: Tokenizer, dataset, batch_size: int = 500, *,
     return cat_tokens(chunks), torch.cat(labels)
 
 
-def get_token_cache(cfg: DictConfig, tokenizer: Tokenizer, tokenizer_dir: Path, dm,
-                    cache: ArtifactCache) -> tuple[Any, torch.Tensor]:
+def token_store_key(cfg: DictConfig, tokenizer_dir: Path, encoding_name: str | None) -> str:
+    # A generator's own encoding (FlexVAR's per-side ground truth) is another store: its name joins the key.
+    return config_hash("tokens", tokenizer_dir.name, stage2_data_identity(cfg), *([encoding_name] if encoding_name
+                                                                                 else []))
+
+
+def encode_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """Who encodes which shards: the given rank and world, else torchrun's (or SLURM's through Lightning's
+    environment) RANK and WORLD_SIZE, else one process. Lightning's own launcher starts its other ranks only at
+    fit, after rank 0 has encoded the store alone."""
+    if rank is not None or world is not None:
+        rank, world = rank or 0, world or 1
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = world_rank(), int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"encode rank {rank} of world {world}: give 0 <= rank < world")
+    return rank, world
+
+
+def get_token_cache(cfg: DictConfig, tokenizer: Tokenizer, tokenizer_dir: Path, dm, cache: ArtifactCache, *,
+                    shard_items: int = SHARD_ITEMS, rank: int | None = None,
+                    world: int | None = None) -> TokenStore:
+    """The train split's tokens as a sharded, memory-mapped store (every run, small sets too: one code path,
+    and a 60k-image store costs no more to write than tokens.pt did).
+
+    One process encodes every shard under the artifact lock, so concurrent sweep jobs encode it once. With a
+    world of several processes each writes its own shards (shard i: rank i % world) into the artifact's work
+    folder, and rank 0 gathers them into the artifact once all exist; a killed encode resumes from there.
+    """
     model = OmegaConf.to_container(cfg.generator.model, resolve=True)
     encoding = check_target(model["_target_"]).token_encoding(tokenizer, model)
-    # A generator's own encoding (FlexVAR's per-side ground truth) is another cache: its name joins the key.
-    key = config_hash("tokens", tokenizer_dir.name, data_identity(cfg), *([encoding.name] if encoding.name else []))
+    key = token_store_key(cfg, tokenizer_dir, encoding.name)
+    kind = "token_store"
+    try:
+        plan = make_plan(len(dm.train_set), batch_size=cfg.data.eval_batch_size, augment=encode_augment(cfg),
+                         shard_items=shard_items)
+    except StoreError as err:
+        raise ConfigError(str(err)) from None
+    rank, world = encode_world(rank, world)
+    identity = {"tokenizer": tokenizer_dir.name, "encoding": encoding.name, "data": stage2_data_identity(cfg)}
+
+    def work() -> Path:  # made when first needed: a run that finds the store leaves no empty work folder
+        return cache.work_dir(kind, key)
+
+    def encode(which: int, of: int) -> None:
+        encode_shards(work(), plan, dm.train_set, encoding.encode, vocab_size=tokenizer.spec.vocab_size, seed=cfg.seed,
+                      rank=which, world=of, num_workers=cfg.data.num_workers)
+
+    start = time.perf_counter()  # with several processes rank 0's encode time spans the others' (it waits for them)
 
     def build(tmp: Path) -> dict[str, Any]:
-        start = time.perf_counter()
-        tokens, labels = encode_dataset(tokenizer, dm.train_set, cfg.data.eval_batch_size, encode=encoding.encode)
-        torch.save({"tokens": tokens, "labels": labels}, tmp / "tokens.pt")
-        return {"kind": "tokens", "tokenizer": tokenizer_dir.name, "encoding": encoding.name,
-                "num_items": len(labels), "encode_seconds": time.perf_counter() - start}
+        if world == 1:
+            encode(0, 1)
+        finish_store(work(), tmp, plan, identity)
+        return {"kind": "token_store", **identity, "num_items": plan.num_items, "num_shards": plan.num_shards,
+                "world": world, "encode_seconds": time.perf_counter() - start}
 
-    path = cache.get_or_build("tokens", key, build)
-    blob = load_weights(path / "tokens.pt")
-    return blob["tokens"], blob["labels"]
+    if world > 1 and not cache.exists(kind, key):
+        encode(rank, world)
+        if rank == 0:
+            wait_for(lambda: missing_shards(work(), plan), what="the other ranks' token store shards")
+        else:
+            wait_for(lambda: [] if cache.exists(kind, key) else [key], what="rank 0 to finish the token store")
+    path = cache.get_or_build(kind, key, build)
+    return TokenStore(path, seed=cfg.seed)
+
+
+def encode_store(cfg: DictConfig) -> TokenStore:
+    """arvision-encode: the token store a stage-2 run of `cfg` trains from (its tokenizer trained first when
+    missing), written by this process or, with `rank`/`world` (or torchrun's), by its share of processes."""
+    cfg = finalize_config(cfg)
+    check_settings(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    cache = ArtifactCache(cfg.paths.artifact_dir)
+    tokenizer, tokenizer_dir = get_tokenizer(cfg, dm, cache)
+    return get_token_cache(cfg, tokenizer, tokenizer_dir, dm, cache, shard_items=cfg.shard_items, rank=cfg.rank,
+                           world=cfg.world)
 
 
 # --------------------------------------------------------------------------------------------- stage 2
@@ -349,19 +565,24 @@ class Stage2:
     task: GeneratorTask
     seconds: float
     steps: int       # optimizer steps run in this call (timed)
-    batch_size: int  # global: per-process batch × world size
+    batch_size: int  # the global batch of a step (all processes and accumulated micro-batches)
 
 
-def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: torch.Tensor, num_classes: int,
+def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: TokenStore | TokenDataset, num_classes: int,
                     run_dir: Path) -> Stage2:
+    """Stage 2 on `tokens`: the run's token store, or tokens in memory (`TokenDataset`, a caller's own)."""
     L.seed_everything(cfg.seed, workers=True)
     generator = build_generator(cfg, tokenizer, num_classes)
     train = cfg.generator.train
     task = GeneratorTask(generator=generator, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
                          warmup_steps=train.warmup_steps, max_steps=train.max_steps, ema_decay=train.ema_decay,
-                         compile=train.get("compile", False))
-    loader = step_loader(TokenDataset(tokens, labels), batch_size=train.batch_size, num_steps=train.max_steps,
-                         seed=cfg.seed)
+                         lr_schedule=train.get("lr_schedule", "cosine"), min_lr_ratio=train.get("min_lr_ratio", 0.1),
+                         decay_fraction=train.get("decay_fraction", 0.15), warmup_start=train.get("warmup_start"),
+                         weight_decay_end=train.get("weight_decay_end"),
+                         compile=train.get("compile", False), shard=shard_settings(cfg))
+    views = tokens.variants if isinstance(tokens, TokenStore) else 1
+    loader = step_loader(tokens, batch_size=train.batch_size, num_steps=train.max_steps, seed=cfg.seed,
+                         accumulate=cfg.trainer.accumulate_grad_batches, with_steps=views > 1)
     ckpt_dir = run_dir / "checkpoints" / "generator"
     write_json_atomic(run_dir / RUN_IDENTITY_FILE, run_identity(cfg))  # what its checkpoints will be trained with
     loggers = instantiate_dict(cfg.get("logger"))
@@ -374,10 +595,16 @@ def train_generator(cfg: DictConfig, tokenizer: Tokenizer, tokens: Any, labels: 
     except NonFiniteLoss as err:
         raise NonFiniteLoss(f"{err}; to continue with other settings, train into a new hydra.run.dir with "
                             f"ckpt_path={ckpt_dir / 'last.ckpt'}") from None
-    torch.save({"generator": task.generator.state_dict(), "ema": task.ema.module.state_dict(),
-                "config": OmegaConf.to_container(cfg.generator.model, resolve=True), "num_classes": num_classes},
-               run_dir / "generator.pt")
-    return Stage2(task=task, seconds=seconds, steps=steps_run, batch_size=train.batch_size * trainer.world_size)
+    if task.sharded:  # every process gathers the full weights (a collective) into unsharded copies
+        task.generator = unsharded(task.generator, build_generator(cfg, tokenizer, num_classes))
+        if task.ema is not None:
+            task.ema.module = unsharded(task.ema.module, build_generator(cfg, tokenizer, num_classes)).eval()
+    blob = {"generator": task.generator.state_dict(),
+            "config": OmegaConf.to_container(cfg.generator.model, resolve=True), "num_classes": num_classes}
+    if task.ema is not None:  # generator.train.ema_decay=null trains without one: the file has no "ema" weights
+        blob["ema"] = task.ema.module.state_dict()
+    torch.save(blob, run_dir / "generator.pt")
+    return Stage2(task=task, seconds=seconds, steps=steps_run, batch_size=train.batch_size)
 
 
 def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> Generator:
@@ -388,6 +615,9 @@ def load_generator(run_dir: Path, tokenizer: Tokenizer, *, ema: bool = True) -> 
     except RefusedTarget as err:
         raise UnreadableFile(f"{path}: {err}; the file was changed or written by other code") from None
     generator.attach_tokenizer(tokenizer)
+    if ema and "ema" not in blob:
+        log.info("%s has no EMA weights (trained with generator.train.ema_decay=null): using the trained ones", path)
+        ema = False
     load_state(generator, blob["ema" if ema else "generator"], path)
     return generator.eval()
 
@@ -433,6 +663,9 @@ def run(cfg: DictConfig, run_dir: Path) -> RunRecord:
     with stage(stages, "setup"):
         check_settings(cfg)
         check_machine(cfg)
+        check_trainer(cfg)
+        for note in recipe_notes(cfg, world=world_size(cfg)):  # where a paper's recipe (experiment=imagenet/*) differs
+            log.warning(note)
         check_run_dir(cfg, run_dir)
         L.seed_everything(cfg.seed, workers=True)
         dm = build_datamodule(cfg)
@@ -462,9 +695,9 @@ def run(cfg: DictConfig, run_dir: Path) -> RunRecord:
 
     if cfg.train_generator:
         with stage(stages, "encode"):
-            tokens, labels = get_token_cache(cfg, tokenizer, tokenizer_dir, dm, cache)
+            store = get_token_cache(cfg, tokenizer, tokenizer_dir, dm, cache)
         with stage(stages, "generator_train"):
-            stage2 = train_generator(cfg, tokenizer, tokens, labels, dm.num_classes, run_dir)
+            stage2 = train_generator(cfg, tokenizer, store, dm.num_classes, run_dir)
         results["costs"]["stage2_img_per_s"] = stage2.steps * stage2.batch_size / max(stage2.seconds, 1e-9)
         results["costs"]["stage2_seconds"] = stage2.seconds
         if cfg.evaluate:

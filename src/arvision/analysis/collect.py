@@ -14,7 +14,7 @@ Column families (all flat, dotted names):
 - swept values: one column per override whose value differs between the collected runs (a sweep's
   `generator.model.depth=4,8`, an Optuna trial's parameters), named by its dotted key and holding each run's
   value (missing where a run kept the default); read from the overrides each run recorded (`command`);
-- derived: `type` (the paradigm's family, see `PARADIGM_TYPES`), `model` (e.g. "raster-d4 / vq"),
+- derived: `type` (the paradigm's family: the run's `generator.family`, else `PARADIGM_TYPES`), `model` (e.g. "raster-d4 / vq"),
   `steps` (generation steps: backbone passes when split, else network evaluations), `s_per_image`
   (1 / sampling img/s), `tokens_per_image` and `train_compute` (≈ 6·N·D FLOPs, Kaplan et al. 2020, with N the
   generator's parameters and D the tokens it was trained on).
@@ -39,7 +39,8 @@ import yaml
 
 from arvision.results import RESULTS_FILE, ResultsError, read_results
 
-# Paradigm family of each generator, as the VAR paper's Table 1 names them (documented in notebooks/README.md).
+# Paradigm family of each generator, as the VAR paper's Table 1 names them (documented in notebooks/README.md). A run
+# records its own (`generator.family` in its config); this table files runs written before that key existed.
 PARADIGM_TYPES = {
     "raster": "AR",
     "next_scale": "VAR",
@@ -51,6 +52,7 @@ PARADIGM_TYPES = {
 
 # Config values worth a column (present for every generator that has them).
 CONFIG_COLUMNS = {
+    "cfg.family": ("generator", "family"),
     "cfg.depth": ("generator", "model", "depth"),
     "cfg.dim": ("generator", "model", "dim"),
     "cfg.heads": ("generator", "model", "heads"),
@@ -213,7 +215,9 @@ def _derive(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     gen = frame.get("generator", pd.Series([None] * len(frame), index=frame.index))
-    frame["type"] = [PARADIGM_TYPES.get(g, g) if isinstance(g, str) else None for g in gen]
+    family = frame.get("cfg.family", pd.Series([None] * len(frame), index=frame.index))
+    frame["type"] = [f if isinstance(f, str) else PARADIGM_TYPES.get(g, g) if isinstance(g, str) else None
+                     for g, f in zip(gen, family)]
     depth = frame.get("cfg.depth", pd.Series([None] * len(frame), index=frame.index))
     frame["model"] = [
         None if not isinstance(g, str) else f"{g}-d{int(d)} / {t}" if pd.notna(d) else f"{g} / {t}"

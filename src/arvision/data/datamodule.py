@@ -10,14 +10,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from arvision.data.datasets import (
+    CROPS,
     ImageFolderDataset,
+    PaperCrop,
     ShapesDataset,
     TensorImageDataset,
     load_fashion_mnist,
     to_uint8,
 )
+from arvision.data.store import AUGMENTS
 
-DATASET_NAMES = ("fashion_mnist", "shapes", "imagefolder")
+DATASET_NAMES = ("fashion_mnist", "shapes", "imagefolder", "webdataset")
 _FASHION_PAD = 2  # 28 → 32: the tokenizers downsample by powers of two
 # Shapes test images use their own seeds, so they never repeat the train images of any nearby seed.
 _SHAPES_TEST_SEED_OFFSET = 1_000_000
@@ -49,6 +52,11 @@ class ImageDataModule(L.LightningDataModule):
         shapes_train_size: int = 4096,
         shapes_test_size: int = 1024,
         seed: int = 0,
+        crop: str = "center_adm",
+        crop_range: float = 1.125,
+        flip: bool = False,
+        cache_dir: str | None = None,
+        encode_augment: str = "none",
     ) -> None:
         super().__init__()
         if name not in DATASET_NAMES:
@@ -60,6 +68,14 @@ class ImageDataModule(L.LightningDataModule):
             )
         if name == "imagefolder" and root is None:
             raise ValueError("data.name=imagefolder needs data.root=<folder with one sub-folder per class>")
+        if name == "webdataset" and root is None:
+            raise ValueError("data.name=webdataset needs data.root=<shard set: a folder, URL or pipe: prefix>")
+        if encode_augment not in AUGMENTS:
+            raise ValueError(f"data.encode_augment={encode_augment!r}: choose one of {', '.join(AUGMENTS)}")
+        if crop not in CROPS:
+            raise ValueError(f"data.crop={crop!r}: choose one of {', '.join(CROPS)}")
+        if crop_range < 1:
+            raise ValueError(f"data.crop_range={crop_range}: must be ≥ 1 (the resized short side over image_size)")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 (load in this process) or a worker count, got {num_workers}")
         self.name = name
@@ -76,6 +92,9 @@ class ImageDataModule(L.LightningDataModule):
         self.shapes_train_size = shapes_train_size
         self.shapes_test_size = shapes_test_size
         self.seed = seed
+        self.crop, self.crop_range, self.flip = crop, crop_range, flip
+        self.cache_dir = cache_dir  # data=webdataset: where shards from a URL or pipe are fetched to
+        self.encode_augment = encode_augment  # views pre-encoded into stage 2's token store (arvision.data.store)
         self.train_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
@@ -108,7 +127,38 @@ class ImageDataModule(L.LightningDataModule):
                 num_classes=self.num_classes,
                 seed=self.seed if split == "train" else self.seed + _SHAPES_TEST_SEED_OFFSET,
             )
+        if self.name == "webdataset":
+            return self._build_shards(split, size)
         return self._build_imagefolder(split, size)
+
+    def _transform(self, split: str) -> PaperCrop | None:
+        """The papers' augmentation on the training split only: the test split (metric references) is ADM's crop."""
+        if split != "train":
+            return None
+        return PaperCrop(image_size=self.image_size, crop=self.crop, crop_range=self.crop_range, flip=self.flip,
+                         seed=self.seed)
+
+    def _build_shards(self, split: str, size: int | None) -> Dataset:
+        """`<root>/train` and `<root>/val` (or `test`) of a shard set written by arvision-shards."""
+        from arvision.data.streaming import ShardedImages  # the optional extra only when asked for
+
+        assert self.root is not None  # checked in __init__
+        subs = ["train"] if split == "train" else ["val", "test", "train"]
+        local = "://" not in self.root and not self.root.startswith("pipe:")
+        sub = next((s for s in subs if not local or Path(self.root, s, "index.json").is_file()), subs[0])
+        cache = None if self.cache_dir is None else str(Path(self.cache_dir, sub))
+        dataset = ShardedImages(url=f"{self.root.rstrip('/')}/{sub}", image_size=self.image_size,
+                                channels=self.channels, cache_dir=cache, transform=self._transform(split))
+        return self._checked_subset(dataset, f"{self.root}/{sub}", size)
+
+    def _checked_subset(self, dataset, where: str, size: int | None) -> Dataset:
+        if dataset.num_classes != self.num_classes:
+            raise ValueError(f"{where} has {dataset.num_classes} classes but data.num_classes={self.num_classes}")
+        if size is None or size >= len(dataset):
+            return dataset
+        # Files are ordered class by class, so "the first N" would be one class: take a fixed random N instead.
+        generator = torch.Generator().manual_seed(self.seed)
+        return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:size].tolist())
 
     def _build_imagefolder(self, split: str, size: int | None) -> Dataset:
         """`<root>/train` and `<root>/val` (or `test`) when present (ImageNet layout), else `<root>` for both.
@@ -118,16 +168,9 @@ class ImageDataModule(L.LightningDataModule):
         assert self.root is not None  # checked in __init__
         subs = ["train"] if split == "train" else ["val", "test", "train"]
         folder = next((Path(self.root, sub) for sub in subs if Path(self.root, sub).is_dir()), Path(self.root))
-        dataset = ImageFolderDataset(root=str(folder), image_size=self.image_size, channels=self.channels)
-        if dataset.num_classes != self.num_classes:
-            raise ValueError(
-                f"{folder} has {dataset.num_classes} class folders but data.num_classes={self.num_classes}"
-            )
-        if size is None or size >= len(dataset):
-            return dataset
-        # Files are ordered class by class, so "the first N" would be one class: take a fixed random N instead.
-        generator = torch.Generator().manual_seed(self.seed)
-        return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:size].tolist())
+        dataset = ImageFolderDataset(root=str(folder), image_size=self.image_size, channels=self.channels,
+                                     transform=self._transform(split))
+        return self._checked_subset(dataset, str(folder), size)
 
     def _eval_loader(self) -> DataLoader:
         if self.test_set is None:

@@ -285,16 +285,70 @@ def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
     return image.crop((left, top, left + image_size, top + image_size))
 
 
+CROPS = ("center_adm", "random")
+
+
+def resize_short_side(image: Image.Image, side: int) -> Image.Image:
+    """ADM's resize without its crop: box-filter halvings while the short side is ≥ 2× `side`, then bicubic."""
+    while min(image.size) >= 2 * side:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+    scale = side / min(image.size)
+    return image.resize(tuple(max(side, round(x * scale)) for x in image.size), resample=Image.Resampling.BICUBIC)
+
+
+class PaperCrop:
+    """The papers' training pre-processing of one PIL image to `image_size`² (the test split always uses ADM's).
+
+    `center_adm`: guided-diffusion's `center_crop_arr` (LlamaGen, MAR, ACDiT, and VAR's evaluation). `random`: the
+    short side resized to `crop_range`·size, then a random square crop (VAR: 1.125 with LANCZOS, FlowAR: 288 px
+    bilinear; here ADM's box + bicubic resize). `flip`: a horizontal flip with probability ½.
+
+    Each draw is a pure function of (seed, index): a resumed stage 1 and a re-encoded token cache see exactly the
+    crops and flips of an uninterrupted run, with any number of loader workers; an image keeps its crop across
+    epochs (the token store's multi-crop encoding is the way to several crops per image).
+    """
+
+    def __init__(self, *, image_size: int, crop: str = "center_adm", crop_range: float = 1.125, flip: bool = False,
+                 seed: int = 0) -> None:
+        if crop not in CROPS:
+            raise ValueError(f"data.crop={crop!r}: choose one of {', '.join(CROPS)}")
+        if crop_range < 1:
+            raise ValueError(f"data.crop_range={crop_range}: must be ≥ 1 (the resized short side over image_size)")
+        self.image_size, self.crop, self.crop_range, self.flip, self.seed = image_size, crop, crop_range, flip, seed
+
+    def __call__(self, image: Image.Image, index: int) -> Image.Image:
+        draws = torch.rand(3, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + index)).tolist()
+        if self.crop == "center_adm":
+            image = center_crop_arr(image, self.image_size)
+        else:
+            image = resize_short_side(image, round(self.crop_range * self.image_size))
+            left = int(draws[0] * (image.width - self.image_size + 1))
+            top = int(draws[1] * (image.height - self.image_size + 1))
+            image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        if self.flip and draws[2] < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+
+def image_to_tensor(image: Image.Image, channels: int) -> Tensor:
+    """A square PIL image → float (C, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+    tensor = torch.from_numpy(array.reshape(image.height, image.width, channels))
+    return tensor.permute(2, 0, 1) / 127.5 - 1
+
+
 class ImageFolderDataset(Dataset):
     """Images under `<root>/<class name>/...`; sorted class folder names give the label ids.
 
     A file that cannot be read is logged once, counted in `skipped`, and replaced by the next readable sample, so
-    one bad file never kills a long run. (With DataLoader workers each worker counts its own copy.)
+    one bad file never kills a long run. (With DataLoader workers each worker counts its own copy.) `transform`
+    is the pre-processing (default: ADM's centre crop, no flip).
     """
 
-    def __init__(self, *, root: str, image_size: int, channels: int = 3) -> None:
+    def __init__(self, *, root: str, image_size: int, channels: int = 3, transform: PaperCrop | None = None) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.transform = transform or PaperCrop(image_size=image_size)
         folder = Path(root)
         hint = f"expected image files under <root>/<class name>/, set data.root=<that folder> (root={root!r})"
         if not folder.is_dir():
@@ -342,6 +396,4 @@ class ImageFolderDataset(Dataset):
             self._unreadable.add(i)
             log.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
             return None
-        array = np.asarray(center_crop_arr(image, self.image_size), dtype=np.float32)
-        tensor = torch.from_numpy(array.reshape(self.image_size, self.image_size, self.channels))
-        return tensor.permute(2, 0, 1) / 127.5 - 1
+        return image_to_tensor(self.transform(image, i), self.channels)

@@ -53,15 +53,21 @@ class TokenDataset(Dataset):
 
 
 class StepSampler(Sampler[torch.Tensor]):
-    """Yields the batches of steps `start_step .. num_steps − 1` for this rank.
+    """Yields the micro-batches of steps `start_step .. num_steps − 1` for this rank.
 
-    Batch `s` is a pure function of (seed, s): epochs are seeded permutations of the dataset and every rank takes
-    its slice of the global batch. A run resumed at step k therefore sees exactly the batches an uninterrupted
-    run would, which makes resumption bit-for-bit (set `start_step` from the restored global step).
+    `batch_size` is the global batch of one optimizer step: all ranks and all `accumulate` micro-batches together.
+    Batch `s` is a pure function of (seed, s): epochs are seeded permutations of the dataset, and the global batch
+    of step s is cut into world × accumulate equal micro-batches, rank r taking micro-batches r, r + world, … in
+    its k accumulation passes. A run resumed at step k therefore sees exactly the batches an uninterrupted run
+    would, on any number of processes (set `start_step` from the restored optimizer step).
+    `with_steps` yields (step, indices) instead, for a dataset that also depends on the step (a token store's
+    pre-encoded augmentations draw each item's view from it).
     """
 
-    def __init__(self, num_items: int, *, batch_size: int, num_steps: int, seed: int = 0) -> None:
+    def __init__(self, num_items: int, *, batch_size: int, num_steps: int, seed: int = 0, accumulate: int = 1,
+                 with_steps: bool = False) -> None:
         self.num_items, self.batch_size, self.num_steps, self.seed = num_items, batch_size, num_steps, seed
+        self.accumulate, self.with_steps = accumulate, with_steps
         self.start_step = 0
 
     def _world(self) -> tuple[int, int]:
@@ -73,35 +79,47 @@ class StepSampler(Sampler[torch.Tensor]):
         return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
     def __len__(self) -> int:
-        # The whole schedule, the steps already run included: on resumption Lightning restores the epoch's batch
-        # counter to `start_step` and ends the epoch when that counter reaches the loader's length. A length of
-        # `num_steps − start_step` ended a run resumed before half-way that many steps early.
-        return self.num_steps
+        # The whole schedule in micro-batches, the steps already run included: on resumption Lightning restores the
+        # epoch's batch counter to `start_step` × accumulate and ends the epoch when that counter reaches the
+        # loader's length. A length of `num_steps − start_step` ended a run resumed before half-way too early.
+        return self.num_steps * self.accumulate
 
     def __iter__(self):
         rank, world = self._world()
-        global_batch = self.batch_size * world
-        per_epoch = self.num_items // global_batch
+        pieces = world * self.accumulate
+        if self.batch_size % pieces:
+            raise ValueError(f"a global batch of {self.batch_size} does not split into {world} ranks × "
+                             f"{self.accumulate} accumulated micro-batches")
+        micro = self.batch_size // pieces
+        per_epoch = self.num_items // self.batch_size
         if per_epoch == 0:
-            raise ValueError(f"dataset of {self.num_items} items is smaller than one global batch ({global_batch})")
+            raise ValueError(f"dataset of {self.num_items} items is smaller than one global batch ({self.batch_size})")
         cached_epoch, perm = -1, None
         for step in range(self.start_step, self.num_steps):
             epoch, pos = divmod(step, per_epoch)
             if epoch != cached_epoch:
                 cached_epoch, perm = epoch, self._epoch(epoch)
-            start = pos * global_batch + rank * self.batch_size
-            yield perm[start:start + self.batch_size]
+            for k in range(self.accumulate):
+                start = pos * self.batch_size + (k * world + rank) * micro
+                batch = perm[start:start + micro]
+                yield (step, batch) if self.with_steps else batch
 
 
-def step_loader(dataset: Dataset, *, batch_size: int, num_steps: int, seed: int, num_workers: int = 0) -> DataLoader:
+def step_loader(dataset: Dataset, *, batch_size: int, num_steps: int, seed: int, num_workers: int = 0,
+                accumulate: int = 1, with_steps: bool = False) -> DataLoader:
     """Seeded, resumable batches of `dataset` (indexed by a tensor of indices, a whole batch per call).
+
+    `batch_size` is the global batch of an optimizer step; each rank is served its `accumulate` micro-batches of
+    batch_size / (world × accumulate) per step (`StepSampler`).
 
     `num_workers` > 0 builds batches in that many worker processes (stage 1: decoding and padding images). The
     sampler stays in this process, so the batches and their order, and `start_step` on resumption, are the same
-    for any number of workers. Stage 2 serves its token cache with 0: one gather from tensors already in memory
-    per batch, which worker processes would only slow down by copying it between processes.
+    for any number of workers. Stage 2 serves its token store with 0: one gather per batch from memory-mapped
+    shards, which worker processes would only slow down by copying the batch between processes. `with_steps`
+    indexes the dataset by (step, indices) (see `StepSampler`).
     """
-    sampler = StepSampler(len(dataset), batch_size=batch_size, num_steps=num_steps, seed=seed)
+    sampler = StepSampler(len(dataset), batch_size=batch_size, num_steps=num_steps, seed=seed,
+                          accumulate=accumulate, with_steps=with_steps)
     # Its own generator: creating an iterator then draws its base seed from there, not from the global RNG
     # (which a resumed run has just restored and must leave untouched).
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
