@@ -42,7 +42,7 @@ DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_DIR ?= outputs/demo/$(DEMO_STAMP)
 PARADIGMS ?= next_scale,flowar,acdit,raster,mar,rar
 DEMO_JOBS ?= 2
-demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 10 min with set-up on 2 idle cores): six runs, one table, sample grids
+demo: setup data  ## the paradigm comparison on Fashion-MNIST (CPU, ≈ 17 min with set-up on 2 idle cores): six runs, one table, sample grids
 	OMP_NUM_THREADS=1 $(VENV)/bin/arvision-train -m experiment=paradigms paradigm=$(PARADIGMS) budget=0.4 \
 	  tokenizer_budget=1.0 data.train_size=10000 metrics.num_samples=500 metrics.num_reference=2000 \
 	  hydra/launcher=joblib hydra.launcher.n_jobs=$(DEMO_JOBS) hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
