@@ -47,14 +47,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
-from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: E402
+from harness import (  # noqa: E402
+    FIXTURES, Row, commit_of, compose_import, max_abs, official_imports, save_fixture, write_rows,
+)
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
 
 from arvision import pipeline
-from arvision.cli.common import config_dir
 from arvision.generators.acdit import ACDiTGenerator
 from arvision.imports.acdit import ACDiTCheckpoints
 from arvision.imports.runs import import_official
@@ -153,17 +151,6 @@ def overrides_for(size: dict) -> list[str]:
         out += ["tokenizer.model.block_out_channels=[8,16,16,16]", "tokenizer.model.layers_per_block=1",
                 "tokenizer.model.norm_num_groups=8"]
     return out
-
-
-def compose_import(overrides: list[str], root: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="import", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.output_dir = str(root), str(root / "run")
-        cfg.paths.artifact_dir, cfg.paths.data_dir, cfg.paths.log_dir = (str(root / "artifacts"), str(root / "data"),
-                                                                         str(root / "outputs"))
-    return cfg
 
 
 def imported(model: torch.nn.Module, vae: torch.nn.Module, size: dict, folder: Path) -> pipeline.FinishedRun:

@@ -44,15 +44,14 @@ from typing import Any
 
 import einops
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
-from harness import REPO_ROOT, Row, max_abs, official_imports, on_cpu, save_fixture, write_rows  # noqa: E402
+from harness import (  # noqa: E402
+    REPO_ROOT, Row, compose_import, max_abs, official_imports, on_cpu, save_fixture, write_rows,
+)
 
 from arvision import pipeline
-from arvision.cli.common import config_dir
 from arvision.generators.flowar import FlowARGenerator
 from arvision.imports.flowar import FlowARCheckpoints
 from arvision.imports.runs import import_official
@@ -135,17 +134,6 @@ def randomize_(model: torch.nn.Module, *, seed: int) -> None:
         else:
             value = noise / math.sqrt(param[0].numel())
         param.copy_(value)
-
-
-def compose_import(overrides: list[str], root: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="import", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.output_dir = str(root), str(root / "run")
-        cfg.paths.artifact_dir, cfg.paths.data_dir, cfg.paths.log_dir = (str(root / "artifacts"), str(root / "data"),
-                                                                         str(root / "outputs"))
-    return cfg
 
 
 def imported(vae: torch.nn.Module, model: torch.nn.Module, preset: str, overrides: list[str], folder: Path

@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from arvision.cli.common import config_dir
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -124,3 +129,15 @@ def save_fixture(family: str, blob: dict) -> Path:
     torch.save(blob, path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return path
+
+
+def compose_import(overrides: list[str], root: Path) -> DictConfig:
+    """conf/import.yaml as `arvision-import` composes it, with every path rooted in `root`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="import", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir, cfg.paths.output_dir = str(root), str(root / "run")
+        cfg.paths.artifact_dir, cfg.paths.data_dir, cfg.paths.log_dir = (str(root / "artifacts"), str(root / "data"),
+                                                                         str(root / "outputs"))
+    return cfg

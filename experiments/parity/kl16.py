@@ -36,15 +36,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
-from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: E402
+from harness import (  # noqa: E402
+    FIXTURES, Row, commit_of, compose_import, max_abs, official_imports, save_fixture, write_rows,
+)
 
 from arvision import pipeline
-from arvision.cli.common import config_dir
 from arvision.imports.base import read_official
 from arvision.imports.runs import export_official, import_official
 from arvision.utils.instantiate import instantiate
@@ -103,17 +101,6 @@ def randomize_(model: torch.nn.Module, *, seed: int) -> None:
             param.copy_((1.0 if ".norm" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
         else:
             param.copy_(noise / math.sqrt(param[0].numel()))
-
-
-def compose_import(overrides: list[str], root: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="import", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.output_dir = str(root), str(root / "run")
-        cfg.paths.artifact_dir, cfg.paths.data_dir, cfg.paths.log_dir = (str(root / "artifacts"), str(root / "data"),
-                                                                         str(root / "outputs"))
-    return cfg
 
 
 def outputs(official: torch.nn.Module, tokenizer: torch.nn.Module, images: torch.Tensor

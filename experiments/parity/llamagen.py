@@ -41,15 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness beside this script
-from harness import FIXTURES, Row, commit_of, max_abs, official_imports, save_fixture, write_rows  # noqa: E402
+from harness import (  # noqa: E402
+    FIXTURES, Row, commit_of, compose_import, max_abs, official_imports, save_fixture, write_rows,
+)
 
 from arvision import pipeline
-from arvision.cli.common import config_dir
 from arvision.generators.sampling import top_k_filter, top_p_filter_llamagen
 from arvision.imports.runs import import_official
 from arvision.utils.instantiate import instantiate
@@ -140,17 +138,6 @@ def official_files(vq: torch.nn.Module, gpt: torch.nn.Module, folder: Path) -> t
 
 
 # --------------------------------------------------------------------------------------------- arvision side
-def compose_import(overrides: list[str], root: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="import", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir, cfg.paths.output_dir = str(root), str(root / "run")
-        cfg.paths.artifact_dir, cfg.paths.data_dir, cfg.paths.log_dir = (str(root / "artifacts"), str(root / "data"),
-                                                                         str(root / "outputs"))
-    return cfg
-
-
 def imported(tokenizer_file: Path, generator_file: Path, overrides: list[str], root: Path) -> pipeline.FinishedRun:
     """arvision-import on the official files, then the run as arvision-sample loads it."""
     cfg = compose_import([f"official={PUBLISHED_PRESET}", f"tokenizer_file={tokenizer_file}",
